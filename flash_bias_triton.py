@@ -1,0 +1,593 @@
+"""FlashBias for Swin Transformer V2: fused window attention with a relative-position bias.
+
+For every window g and head h of SwinV2's window attention this computes
+
+    out = softmax(s_h * norm(q) @ norm(k)^T + B_h + M_g) @ v,    s_h = exp(min(logit_scale_h, ln 100))
+
+in one Triton kernel that reads q, k and v straight from the qkv projection output and writes the
+output in the layout the output projection reads. The bias B_h is given in one of three forms:
+
+* exact:     ``bias`` (H, N, N), the dense per-head bias, shared by every window and never expanded;
+* low-rank:  ``bias_factors = (q_bias, k_bias)``, each (H, N, R), q_bias @ k_bias^T ~ B_h, folded into
+             the score dot as R extra head-dimension columns (the FlashBias paper's decomposition);
+* none.
+
+The shift mask M_g (-100 between tokens of different regions of a shifted window, as the official
+code) comes from a per-window ``region_ids`` table (nW, N): no (windows, N, N) mask exists anywhere.
+
+Two token layouts:
+
+* window layout (``image_size=None``): qkv is (B*nW, N, 3C), the official ``window_partition`` output
+  after the qkv projection; window g uses region row g % nW.
+* image layout (``image_size=(H, W)``, ``window_size=(wh, ww)``, ``shift_size``): qkv is (B, H*W, 3C) in
+  image order. The kernel finds each window's tokens by index arithmetic, cyclic shift included, and
+  writes each output token back where it came from, so ``torch.roll``, ``window_partition`` and
+  ``window_reverse`` (four copies of the activations per block) disappear.
+
+Entry points: :func:`flash_bias_attention` (kernel on CUDA, PyTorch elsewhere or when gradients are
+needed), :func:`attention_reference` (the readable PyTorch definition), :func:`low_rank_bias_factors`
+(SVD with an energy, fixed-rank or logit-error rank rule) and :func:`logit_error`.
+"""
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only machine without Triton still gets the PyTorch path
+    triton = None
+
+__all__ = ["flash_bias_attention", "attention_reference", "low_rank_bias_factors", "logit_error",
+           "MASK_VALUE", "MAX_LOGIT_SCALE"]
+
+MASK_VALUE = -100.0                 # the official SwinV2 shift-mask value (not -inf)
+MAX_LOGIT_SCALE = math.log(100.0)   # logit_scale is clamped to ln(1 / 0.01)
+MAX_RANK = 128
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _token_index(t, row0, col0, IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr,
+                     SHIFT: tl.constexpr):
+        """Image position (row * IMG_W + col) of local token t of the window whose top-left corner
+        in the cyclically shifted image is (row0, col0); shifting by -SHIFT means reading +SHIFT."""
+        r = row0 + t // WIN_W + SHIFT
+        c = col0 + t % WIN_W + SHIFT
+        if SHIFT > 0:
+            r = tl.where(r >= IMG_H, r - IMG_H, r)
+            c = tl.where(c >= IMG_W, c - IMG_W, c)
+        return r * IMG_W + c
+
+    @triton.jit
+    def _operand(x, WIDEN: tl.constexpr):
+        # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (seen with triton 3.6 and 3.8):
+        # there the already-rounded operands are widened to float32, which gives the same products.
+        if WIDEN:
+            return x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _attn_inner(acc, l_i, m_i, q, q_fac, region_q, offs_m, m_valid,
+                    k_base, v_base, stride_l, bias_base, stride_bias_m, kf_base, stride_fac_n,
+                    region_base, row0, col0,
+                    N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                    IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
+                    BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, WIDEN_DOTS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        EVEN_N: tl.constexpr = N % BLOCK_N == 0
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        d_valid = offs_d < HEAD_DIM
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < N
+            tok_n = _token_index(offs_n, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64) * stride_l
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_base + tok_n[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            k32 = k.to(tl.float32)
+            k_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 1)), 1e-12)   # F.normalize's eps
+            k = (k32 * k_inv[:, None]).to(k.dtype)
+            qk = tl.dot(q, tl.trans(_operand(k, WIDEN_DOTS)))
+            if BIAS_MODE == 2:
+                offs_r = tl.arange(0, RANK_PAD)
+                kf = tl.load(kf_base + offs_n[:, None] * stride_fac_n + offs_r[None, :],
+                             mask=n_valid[:, None] & (offs_r[None, :] < RANK), other=0.0)
+                qk = tl.dot(q_fac, tl.trans(_operand(kf, WIDEN_DOTS)), qk)
+            if BIAS_MODE == 1:
+                b_mask = m_valid[:, None] & n_valid[None, :]
+                qk += tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :],
+                              mask=b_mask, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                region_k = tl.load(region_base + offs_n, mask=n_valid, other=-1)
+                qk += tl.where(region_q[:, None] == region_k[None, :], 0.0, -100.0)
+            if not EVEN_N:
+                qk = tl.where(n_valid[None, :], qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * LOG2E)
+            p = tl.math.exp2(qk * LOG2E - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + tok_n[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = tl.dot(_operand(p.to(v.dtype), WIDEN_DOTS), _operand(v, WIDEN_DOTS), acc * alpha[:, None])
+            m_i = m_ij
+        return acc, l_i
+
+    @triton.jit
+    def _flash_bias_fwd(qkv_ptr, out_ptr, logit_scale_ptr, bias_ptr, q_fac_ptr, k_fac_ptr, region_ptr,
+                        stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l,
+                        stride_bias_h, stride_bias_m, stride_fac_h, stride_fac_n, stride_region_w,
+                        num_heads, num_region_windows,
+                        N: tl.constexpr, C: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                        IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                        SHIFT: tl.constexpr, BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+                        WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: BLOCK_M queries of one window and one head.
+
+        A flat grid with the query block fastest, then the head, then the window: programs that run
+        together share K/V tiles and the bias of a head in L2, and no grid axis limits the batch."""
+        NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+        WINDOWS_W: tl.constexpr = IMG_W // WIN_W
+        WINDOWS: tl.constexpr = (IMG_H // WIN_H) * WINDOWS_W
+        pid = tl.program_id(0)
+        m_block = pid % NUM_M
+        gh = pid // NUM_M
+        h = gh % num_heads
+        g = gh // num_heads                      # window index in the batch
+        b = g // WINDOWS
+        w = g % WINDOWS
+        row0 = (w // WINDOWS_W) * WIN_H
+        col0 = (w % WINDOWS_W) * WIN_W
+
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < N
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        d_valid = offs_d < HEAD_DIM
+        tok_m = _token_index(offs_m, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64)
+
+        qkv_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+        q = tl.load(qkv_base + tok_m[:, None] * stride_qkv_l + offs_d[None, :],
+                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        # cosine attention: normalise q and fold the clamped per-head logit scale into it
+        scale = tl.exp(tl.minimum(tl.load(logit_scale_ptr + h).to(tl.float32), 4.605170185988092))
+        q32 = q.to(tl.float32)
+        q_mul = scale / tl.maximum(tl.sqrt(tl.sum(q32 * q32, 1)), 1e-12)
+        q = _operand((q32 * q_mul[:, None]).to(q.dtype), WIDEN_DOTS)
+
+        q_fac = q
+        kf_base = k_fac_ptr
+        if BIAS_MODE == 2:
+            offs_r = tl.arange(0, RANK_PAD)
+            q_fac = tl.load(q_fac_ptr + h * stride_fac_h + offs_m[:, None] * stride_fac_n + offs_r[None, :],
+                            mask=m_valid[:, None] & (offs_r[None, :] < RANK), other=0.0)
+            q_fac = _operand(q_fac, WIDEN_DOTS)
+            kf_base = k_fac_ptr + h * stride_fac_h
+        region_q = offs_m
+        region_base = region_ptr
+        if HAS_MASK:
+            region_base = region_ptr + (g % num_region_windows) * stride_region_w
+            region_q = tl.load(region_base + offs_m, mask=m_valid, other=-1)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        acc, l_i = _attn_inner(acc, l_i, m_i, q, q_fac, region_q, offs_m, m_valid,
+                               qkv_base + C, qkv_base + 2 * C, stride_qkv_l,
+                               bias_ptr + h * stride_bias_h, stride_bias_m, kf_base, stride_fac_n,
+                               region_base, row0, col0,
+                               N, HEAD_DIM, HEAD_DIM_PAD, RANK, RANK_PAD, IMG_H, IMG_W, WIN_W, SHIFT,
+                               BIAS_MODE, HAS_MASK, WIDEN_DOTS, BLOCK_M, BLOCK_N)
+        acc = acc / l_i[:, None]
+        out_ptrs = (out_ptr + b.to(tl.int64) * stride_out_b + tok_m[:, None] * stride_out_l
+                    + h * HEAD_DIM + offs_d[None, :])
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+    def _prune_configs(configs, named_args, **kwargs):
+        n_pad = triton.next_power_of_2(named_args["N"] if "N" in named_args else kwargs["N"])
+        kept = [c for c in configs
+                if c.kwargs["BLOCK_M"] <= max(n_pad, 16) and c.kwargs["BLOCK_N"] <= max(n_pad, 16)]
+        return kept or configs[:1]
+
+    _AUTOTUNE_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2),
+                             (64, 32, 4, 3), (128, 128, 8, 2), (32, 32, 4, 2), (16, 16, 2, 1)]
+    ]
+    _flash_bias_fwd_tuned = triton.autotune(
+        configs=_AUTOTUNE_CONFIGS,
+        key=["N", "C", "HEAD_DIM", "RANK", "IMG_H", "IMG_W", "SHIFT", "BIAS_MODE", "HAS_MASK", "WIDEN_DOTS"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_flash_bias_fwd)
+
+# The interpreter runs one fixed, small configuration (autotuning there would only cost time);
+# tests may set it to exercise other block shapes.
+INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checking
+# ----------------------------------------------------------------------------------------------
+def _layout(qkv: torch.Tensor, num_heads: int, image_size, window_size, shift_size):
+    """Validate the token layout; return (N, C, head_dim, (img_h, img_w), (win_h, win_w), shift, windows)."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv must be a 3-D tensor (B*nW, N, 3C) or (B, H*W, 3C); got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv)}")
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
+    if qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dimension {qkv.shape[-1]} is not 3 * num_heads ({num_heads}) * head_dim")
+    C = qkv.shape[-1] // 3
+    head_dim = C // num_heads
+    L = qkv.shape[1]
+    if image_size is None:
+        if window_size is not None or shift_size:
+            raise ValueError("window_size and shift_size are for the image layout: give image_size too")
+        return L, C, head_dim, (1, L), (1, L), 0, 1
+    img_h, img_w = (int(s) for s in image_size)
+    if window_size is None:
+        raise ValueError("image layout needs window_size=(wh, ww)")
+    win_h, win_w = (int(s) for s in window_size)
+    if img_h * img_w != L:
+        raise ValueError(f"qkv has {L} tokens but image_size {img_h}x{img_w} has {img_h * img_w}")
+    if win_h < 1 or win_w < 1 or img_h % win_h or img_w % win_w:
+        raise ValueError(f"window_size {win_h}x{win_w} does not tile image_size {img_h}x{img_w}")
+    if not 0 <= int(shift_size) < min(win_h, win_w):
+        raise ValueError(f"shift_size must be in [0, {min(win_h, win_w)}); got {shift_size}")
+    windows = (img_h // win_h) * (img_w // win_w)
+    return win_h * win_w, C, head_dim, (img_h, img_w), (win_h, win_w), int(shift_size), windows
+
+
+def _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N, windows, shift_size):
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"qkv must be float16, bfloat16, float32 or float64; got {qkv.dtype}")
+    dev = qkv.device
+    if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != num_heads:
+        raise ValueError(f"logit_scale must hold num_heads={num_heads} values (shape (H,) or (H, 1, 1)); got "
+                         f"{tuple(logit_scale.shape) if isinstance(logit_scale, torch.Tensor) else logit_scale!r}")
+    if logit_scale.device != dev:
+        raise ValueError(f"logit_scale is on {logit_scale.device} but qkv on {dev}")
+    if bias is not None and bias_factors is not None:
+        raise ValueError("give either bias (exact) or bias_factors (low-rank), not both")
+    if bias is not None:
+        if bias.shape != (num_heads, N, N):
+            raise ValueError(f"bias must be (num_heads, N, N) = ({num_heads}, {N}, {N}); got {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating tensor; got {bias.dtype}")
+        if bias.device != dev:
+            raise ValueError(f"bias is on {bias.device} but qkv on {dev}")
+    if bias_factors is not None:
+        if not isinstance(bias_factors, (tuple, list)) or len(bias_factors) != 2:
+            raise ValueError("bias_factors must be a pair (q_bias, k_bias), each (num_heads, N, R)")
+        q_bias, k_bias = bias_factors
+        for name, f in (("q_bias", q_bias), ("k_bias", k_bias)):
+            if f.dim() != 3 or f.shape[:2] != (num_heads, N):
+                raise ValueError(f"bias_factors {name} must be (num_heads, N, R) = ({num_heads}, {N}, R); "
+                                 f"got {tuple(f.shape)}")
+            if not f.is_floating_point():
+                raise TypeError(f"bias_factors {name} must be floating; got {f.dtype}")
+            if f.device != dev:
+                raise ValueError(f"bias_factors {name} is on {f.device} but qkv on {dev}")
+        if q_bias.shape != k_bias.shape:
+            raise ValueError(f"bias_factors q_bias {tuple(q_bias.shape)} and k_bias {tuple(k_bias.shape)} differ")
+        if not 1 <= q_bias.shape[2] <= MAX_RANK:
+            raise ValueError(f"bias_factors rank must be 1..{MAX_RANK}; got {q_bias.shape[2]}")
+    if region_ids is not None:
+        if region_ids.dim() != 2 or region_ids.shape[1] != N:
+            raise ValueError(f"region_ids must be (nW, N) with N={N}; got {tuple(region_ids.shape)}")
+        if region_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise TypeError(f"region_ids must be an integer tensor; got {region_ids.dtype}")
+        if region_ids.device != dev:
+            raise ValueError(f"region_ids is on {region_ids.device} but qkv on {dev}")
+        nW = region_ids.shape[0]
+        total_windows = qkv.shape[0] * windows
+        if windows > 1 and nW != windows:
+            raise ValueError(f"region_ids has {nW} windows but the image has {windows}")
+        if total_windows % nW:
+            raise ValueError(f"region_ids has {nW} windows, which does not divide the {total_windows} windows "
+                             f"of qkv (window layout: qkv's first dimension is B * nW)")
+    elif shift_size:
+        raise ValueError("a shifted window (shift_size > 0) needs region_ids for its mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch definition
+# ----------------------------------------------------------------------------------------------
+def _to_windows(x: torch.Tensor, image_size, window_size, shift_size) -> torch.Tensor:
+    """(B, H*W, D) image tokens -> (B*nW, wh*ww, D) window tokens, after the cyclic shift."""
+    B, _, D = x.shape
+    (H, W), (wh, ww) = image_size, window_size
+    x = x.view(B, H, W, D)
+    if shift_size:
+        x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    x = x.view(B, H // wh, wh, W // ww, ww, D).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, D)
+
+
+def _from_windows(x: torch.Tensor, image_size, window_size, shift_size) -> torch.Tensor:
+    """Inverse of :func:`_to_windows`."""
+    (H, W), (wh, ww) = image_size, window_size
+    D = x.shape[-1]
+    x = x.view(-1, H // wh, W // ww, wh, ww, D).permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, D)
+    if shift_size:
+        x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
+    return x.reshape(-1, H * W, D)
+
+
+def region_mask(region_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(nW, N) region ids -> (nW, N, N) additive mask: MASK_VALUE between different regions, else 0."""
+    different = region_ids[:, :, None] != region_ids[:, None, :]
+    return torch.zeros(different.shape, dtype=dtype, device=region_ids.device).masked_fill(different, MASK_VALUE)
+
+
+def attention_reference(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None,
+                        bias_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                        region_ids: Optional[torch.Tensor] = None,
+                        image_size: Optional[Sequence[int]] = None,
+                        window_size: Optional[Sequence[int]] = None,
+                        shift_size: int = 0) -> torch.Tensor:
+    """The same function as :func:`flash_bias_attention`, written out in PyTorch (differentiable).
+
+    Computes in float32 (float64 for float64 input) and returns qkv's dtype."""
+    N, C, head_dim, img, win, shift, windows = _layout(qkv, num_heads, image_size, window_size, shift_size)
+    _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N, windows, shift)
+    compute = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    x = qkv.to(compute)
+    if image_size is not None:
+        x = _to_windows(x, img, win, shift)
+    Bw = x.shape[0]
+    q, k, v = x.view(Bw, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)   # (Bw, H, N, d)
+    scale = torch.clamp(logit_scale.to(compute).view(num_heads, 1, 1), max=MAX_LOGIT_SCALE).exp()
+    attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * scale
+    if bias is not None:
+        attn = attn + bias.to(compute)
+    elif bias_factors is not None:
+        attn = attn + bias_factors[0].to(compute) @ bias_factors[1].to(compute).transpose(-2, -1)
+    if region_ids is not None:
+        mask = region_mask(region_ids, compute)
+        nW = mask.shape[0]
+        attn = (attn.view(Bw // nW, nW, num_heads, N, N) + mask[None, :, None]).view(Bw, num_heads, N, N)
+    out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(Bw, N, C)
+    if image_size is not None:
+        out = _from_windows(out, img, win, shift)
+    return out.to(qkv.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel's entry point, as a custom op so that torch.compile keeps it
+# ----------------------------------------------------------------------------------------------
+def _launch(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
+            q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor], region_ids: Optional[torch.Tensor],
+            num_heads: int, image_size: List[int], window_size: List[int], shift_size: int) -> torch.Tensor:
+    B, L, three_c = qkv.shape
+    C = three_c // 3
+    head_dim = C // num_heads
+    img_h, img_w = image_size
+    win_h, win_w = window_size
+    N = win_h * win_w
+    windows = (img_h // win_h) * (img_w // win_w)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out = torch.empty((B, L, C), device=qkv.device, dtype=qkv.dtype)
+    logit_scale = logit_scale.reshape(num_heads)
+    bias_mode = 1 if bias is not None else 2 if q_bias is not None else 0
+    rank = q_bias.shape[2] if q_bias is not None else 0
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    if q_bias is not None:
+        # the factors are dot operands: same dtype as q and k, unit stride along the rank
+        q_bias = q_bias.to(qkv.dtype).contiguous()
+        k_bias = k_bias.to(qkv.dtype).contiguous()
+    if region_ids is not None:
+        region_ids = region_ids.to(torch.int32).contiguous()
+    dummy = out  # never read: its branch is compiled out
+    args = (qkv, out, logit_scale,
+            bias if bias is not None else dummy,
+            q_bias if q_bias is not None else dummy,
+            k_bias if k_bias is not None else dummy,
+            region_ids if region_ids is not None else dummy,
+            qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+            bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+            q_bias.stride(0) if q_bias is not None else 0, q_bias.stride(1) if q_bias is not None else 0,
+            region_ids.stride(0) if region_ids is not None else 0,
+            num_heads, region_ids.shape[0] if region_ids is not None else 1)
+    meta = dict(N=N, C=C, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, _next_pow2(head_dim)),
+                RANK=rank, RANK_PAD=max(16, _next_pow2(rank)) if rank else 16,
+                IMG_H=img_h, IMG_W=img_w, WIN_H=win_h, WIN_W=win_w, SHIFT=shift_size,
+                BIAS_MODE=bias_mode, HAS_MASK=region_ids is not None,
+                WIDEN_DOTS=_interpreting() and qkv.dtype == torch.bfloat16)
+    programs = B * windows * num_heads
+
+    if _interpreting():
+        blocks = INTERPRET_BLOCKS
+        grid = (triton.cdiv(N, blocks["BLOCK_M"]) * programs,)
+        _flash_bias_fwd[grid](*args, **meta, **blocks)
+    else:
+        def grid(cfg):
+            return (triton.cdiv(N, cfg["BLOCK_M"]) * programs,)
+        _flash_bias_fwd_tuned[grid](*args, **meta)
+    return out
+
+
+@torch.library.custom_op("flash_bias::window_attention", mutates_args=())
+def _window_attention_op(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                         q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor],
+                         region_ids: Optional[torch.Tensor], num_heads: int, image_size: List[int],
+                         window_size: List[int], shift_size: int) -> torch.Tensor:
+    return _launch(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size,
+                   shift_size)
+
+
+@_window_attention_op.register_fake
+def _(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size, shift_size):
+    B, L, three_c = qkv.shape
+    return qkv.new_empty((B, L, three_c // 3))
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on tensors of this device (CUDA, or any device when
+    TRITON_INTERPRET=1 runs Triton's interpreter)."""
+    return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
+
+
+def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None,
+                         bias_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                         region_ids: Optional[torch.Tensor] = None,
+                         image_size: Optional[Sequence[int]] = None,
+                         window_size: Optional[Sequence[int]] = None,
+                         shift_size: int = 0,
+                         backend: str = "auto") -> torch.Tensor:
+    """SwinV2 window attention with a relative-position bias, fused.
+
+    Args:
+        qkv: window layout (B*nW, N, 3C), or image layout (B, H*W, 3C) with ``image_size``; the qkv
+            projection's output (channels ordered q | k | v, heads within each), any row stride.
+        num_heads: H; head_dim = C / H.
+        logit_scale: (H,) or (H, 1, 1), the raw SwinV2 parameter: s_h = exp(min(logit_scale_h, ln 100)).
+        bias: (H, N, N) dense bias, exact mode. Any float dtype (float32 keeps it exact).
+        bias_factors: (q_bias, k_bias), each (H, N, R) with R <= 128, low-rank mode.
+        region_ids: (nW, N) integers; tokens of different regions get MASK_VALUE. Window g of the
+            batch (image layout: window g of each image) uses row g % nW.
+        image_size, window_size, shift_size: the image layout, see the module docstring.
+        backend: "auto" (the kernel where it can run and no gradient is needed, else PyTorch),
+            "triton" (the kernel or an error) or "torch" (:func:`attention_reference`).
+
+    Returns:
+        (B*nW, N, C) or (B, H*W, C) in qkv's dtype. The kernel computes in qkv's dtype with float32
+        accumulation (float32 input: tf32 dots; float64 input is only for the PyTorch path).
+    """
+    N, C, head_dim, img, win, shift, windows = _layout(qkv, num_heads, image_size, window_size, shift_size)
+    _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N, windows, shift)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch'; got {backend!r}")
+    tensors = [t for t in (qkv, logit_scale, bias, region_ids, *(bias_factors or ())) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if backend == "auto":
+        usable = kernel_available(qkv.device) and not needs_grad and qkv.dtype != torch.float64
+        backend = "triton" if usable else "torch"
+    if backend == "torch":
+        return attention_reference(qkv, num_heads, logit_scale, bias, bias_factors, region_ids,
+                                   image_size, window_size, shift_size)
+    if not kernel_available(qkv.device):
+        raise RuntimeError(f"the FlashBias Triton kernel cannot run on {qkv.device}: it needs CUDA and Triton "
+                           f"(or TRITON_INTERPRET=1 on the CPU)")
+    if needs_grad:
+        raise RuntimeError("the FlashBias kernel has no backward pass: inputs require grad. Use backend='auto' "
+                           "or 'torch' (the differentiable PyTorch path), or run under torch.no_grad()")
+    if qkv.dtype == torch.float64:
+        raise TypeError("the FlashBias kernel takes float16, bfloat16 or float32 qkv; float64 is for "
+                        "backend='torch'")
+    if not 1 <= head_dim <= 128:
+        raise ValueError(f"the FlashBias kernel supports head_dim up to 128; got {head_dim}")
+    q_bias, k_bias = bias_factors if bias_factors is not None else (None, None)
+    return _window_attention_op(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads,
+                                list(img), list(win), shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# Low-rank factors (the FlashBias decomposition) and how wrong they are
+# ----------------------------------------------------------------------------------------------
+def logit_error(bias: torch.Tensor, approx: torch.Tensor) -> Tuple[float, float]:
+    """(max, mean) error of ``approx`` as attention logits, per head over (.., N, N).
+
+    Softmax ignores a constant added to a row, so the error of a row is measured after the best
+    constant shift: max = max over rows of (max_j e - min_j e) / 2, mean = mean |e - row mean(e)|."""
+    e = bias.double() - approx.double()
+    max_err = ((e.amax(-1) - e.amin(-1)) / 2).max().item()
+    mean_err = (e - e.mean(-1, keepdim=True)).abs().mean().item()
+    return max_err, mean_err
+
+
+def low_rank_bias_factors(bias: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None,
+                          max_logit_error: Optional[float] = None, center_rows: bool = True,
+                          max_rank: int = MAX_RANK):
+    """SVD factors of a per-head bias: q_bias @ k_bias^T ~ bias (up to a constant per row).
+
+    Exactly one rule chooses the rank R (shared by all heads, so the kernel sees one R):
+      * ``rank``: that rank;
+      * ``energy``: the seed's rule, the smallest R keeping this fraction of sum(sigma^2) in every head;
+      * ``max_logit_error``: the smallest R whose :func:`logit_error` max is at most this in every head.
+
+    ``center_rows`` removes each row's mean before the SVD: softmax ignores it, and the rest is
+    usually of lower rank.
+
+    Args:
+        bias: (H, N, N).
+    Returns:
+        (q_bias, k_bias, info): factors (H, N, R) float32, or (None, None, info) when no rank up to
+        ``max_rank`` meets ``max_logit_error`` (use the dense bias). info holds rank, energy kept,
+        max and mean logit error.
+    """
+    if sum(x is not None for x in (rank, energy, max_logit_error)) != 1:
+        raise ValueError("give exactly one of rank, energy, max_logit_error")
+    if bias.dim() != 3 or bias.shape[1] != bias.shape[2]:
+        raise ValueError(f"bias must be (H, N, N); got {tuple(bias.shape)}")
+    H, N, _ = bias.shape
+    max_rank = min(max_rank, N, MAX_RANK)
+    b = bias.detach().double().cpu()
+    target = b - b.mean(-1, keepdim=True) if center_rows else b
+    U, S, Vh = torch.linalg.svd(target)
+    energy_cum = (S ** 2).cumsum(-1) / (S ** 2).sum(-1, keepdim=True).clamp_min(1e-300)
+
+    def errors(r):
+        approx = (U[:, :, :r] * S[:, None, :r]) @ Vh[:, :r, :]
+        return logit_error(b, approx)
+
+    if rank is not None:
+        if not 1 <= rank <= max_rank:
+            raise ValueError(f"rank must be 1..{max_rank}; got {rank}")
+        chosen = int(rank)
+    elif energy is not None:
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1]; got {energy}")
+        chosen = int((energy_cum < energy - 1e-12).sum(-1).max().item()) + 1
+        chosen = min(chosen, max_rank)
+    else:
+        # the error falls with the rank, not always monotonically: scan, doubling then bisecting
+        chosen = None
+        lo, r = 0, 1
+        while r <= max_rank:
+            if errors(r)[0] <= max_logit_error:
+                break
+            lo, r = r, r * 2
+        if r > max_rank:
+            r = max_rank
+            if errors(r)[0] > max_logit_error:
+                r = None
+        if r is not None:
+            hi = r
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if errors(mid)[0] <= max_logit_error:
+                    hi = mid
+                else:
+                    lo = mid
+            chosen = hi
+        if chosen is None:
+            max_e, mean_e = errors(max_rank)
+            return None, None, {"rank": None, "energy": float(energy_cum[:, max_rank - 1].min()),
+                                "max_logit_error": max_e, "mean_logit_error": mean_e}
+    max_e, mean_e = errors(chosen)
+    root = S[:, :chosen].sqrt()
+    q_bias = (U[:, :, :chosen] * root[:, None, :]).float()
+    k_bias = (Vh[:, :chosen, :].transpose(1, 2) * root[:, None, :]).float()
+    info = {"rank": chosen, "energy": float(energy_cum[:, chosen - 1].min()),
+            "max_logit_error": max_e, "mean_logit_error": mean_e}
+    return q_bias.to(bias.device), k_bias.to(bias.device), info
