@@ -453,7 +453,7 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.T
                          image_size: Optional[Sequence[int]] = None,
                          window_size: Optional[Sequence[int]] = None,
                          shift_size: int = 0,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: Optional[str] = None) -> torch.Tensor:
     """SwinV2 window attention with a relative-position bias, fused.
 
     Args:
@@ -466,8 +466,9 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.T
         region_ids: (nW, N) integers; tokens of different regions get MASK_VALUE. Window g of the
             batch (image layout: window g of each image) uses row g % nW.
         image_size, window_size, shift_size: the image layout, see the module docstring.
-        backend: "auto" (the kernel where it can run and no gradient is needed, else PyTorch),
-            "triton" (the kernel or an error) or "torch" (:func:`attention_reference`).
+        backend: "auto" (the kernel on CUDA when no gradient is needed, else PyTorch), "triton"
+            (the kernel or an error; on the CPU through TRITON_INTERPRET=1) or "torch"
+            (:func:`attention_reference`). None reads env FLASHBIAS_BACKEND, default "auto".
 
     Returns:
         (B*nW, N, C) or (B, H*W, C) in qkv's dtype. The kernel computes in qkv's dtype with float32
@@ -475,12 +476,16 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.T
     """
     N, C, head_dim, img, win, shift, windows = _layout(qkv, num_heads, image_size, window_size, shift_size)
     _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N, windows, shift)
+    if backend is None:
+        backend = os.environ.get("FLASHBIAS_BACKEND", "auto")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch'; got {backend!r}")
     tensors = [t for t in (qkv, logit_scale, bias, region_ids, *(bias_factors or ())) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if backend == "auto":
-        usable = kernel_available(qkv.device) and not needs_grad and qkv.dtype != torch.float64
+        # the interpreter is for tests: "auto" runs the kernel on CUDA only
+        usable = (triton is not None and qkv.device.type == "cuda" and not needs_grad
+                  and qkv.dtype != torch.float64)
         backend = "triton" if usable else "torch"
     if backend == "torch":
         return attention_reference(qkv, num_heads, logit_scale, bias, bias_factors, region_ids,
