@@ -211,9 +211,21 @@ if triton is not None:
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_flash_bias_fwd)
 
+def _default_config(N: int, head_dim: int):
+    """Block shapes without autotuning (FLASHBIAS_AUTOTUNE=1 searches instead): the first call of a
+    new shape then costs one compilation, not one per candidate."""
+    if N >= 128:
+        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8 if head_dim > 64 else 4, num_stages=2)
+    if N >= 64:
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+    return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+
 # The interpreter runs one fixed, small configuration (autotuning there would only cost time);
 # tests may set it to exercise other block shapes.
 INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
+# Tests set this so that an output element the kernel fails to write shows up as NaN.
+POISON_OUTPUT = False
 
 
 def _next_pow2(x: int) -> int:
@@ -385,6 +397,8 @@ def _launch(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.T
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     out = torch.empty((B, L, C), device=qkv.device, dtype=qkv.dtype)
+    if POISON_OUTPUT:
+        out.fill_(float("nan"))
     logit_scale = logit_scale.reshape(num_heads)
     bias_mode = 1 if bias is not None else 2 if q_bias is not None else 0
     rank = q_bias.shape[2] if q_bias is not None else 0
@@ -418,10 +432,14 @@ def _launch(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.T
         blocks = INTERPRET_BLOCKS
         grid = (triton.cdiv(N, blocks["BLOCK_M"]) * programs,)
         _flash_bias_fwd[grid](*args, **meta, **blocks)
-    else:
+    elif os.environ.get("FLASHBIAS_AUTOTUNE", "0") == "1":
         def grid(cfg):
             return (triton.cdiv(N, cfg["BLOCK_M"]) * programs,)
         _flash_bias_fwd_tuned[grid](*args, **meta)
+    else:
+        cfg = _default_config(N, head_dim)
+        grid = (triton.cdiv(N, cfg.kwargs["BLOCK_M"]) * programs,)
+        _flash_bias_fwd[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
