@@ -89,7 +89,7 @@ def main():
         N, nW = window * window, (side // window) ** 2
         shift = window // 2 if shifted and side > window else 0
         Bw, C = B * nW, H * d
-        img_qkv = torch.randn(B, side * side, 3 * C, generator=gen).to(dev, torch.float16)
+        img_qkv = torch.randn(B, side * side, 3 * C, generator=gen).to(dev, torch.float16 if cuda else torch.float32)
         logit_scale = torch.empty(H, 1, 1).uniform_(math.log(5), math.log(40), generator=gen).to(dev)
         bias = trained_like_bias(H, window, pre, gen).to(dev)
         region_ids = swin_region_ids(side, window, shift).to(dev) if shift else None
@@ -105,8 +105,8 @@ def main():
         with torch.no_grad():
             ref = torch.cat([fb.attention_reference(win_qkv[i:i + 64].float(), H, logit_scale, bias,
                                                     region_ids=region_ids) for i in range(0, Bw, 64)])
-        qn = (F.normalize(q.float(), dim=-1) * scale).half()
-        kn = F.normalize(k.float(), dim=-1).half()
+        qn = (F.normalize(q.float(), dim=-1) * scale).to(q.dtype)
+        kn = F.normalize(k.float(), dim=-1).to(k.dtype)
 
         def official():
             with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
@@ -120,9 +120,12 @@ def main():
 
         dense_mask = (bias[None] + (mask[:, None] if mask is not None else 0)).half()   # (nW or 1, H, N, N)
 
+        # windows and heads share one batch axis so that the (nW*H, N, N) mask broadcasts over images
+        dense_mask = dense_mask.expand(nW, H, N, N).reshape(1, nW * H, N, N)
+
         def sdpa_dense():
-            o = F.scaled_dot_product_attention(qn.view(B, nW, H, N, d), kn.view(B, nW, H, N, d),
-                                               v.reshape(B, nW, H, N, d), attn_mask=dense_mask, scale=1.0)
+            o = F.scaled_dot_product_attention(qn.reshape(B, nW * H, N, d), kn.reshape(B, nW * H, N, d),
+                                               v.reshape(B, nW * H, N, d), attn_mask=dense_mask, scale=1.0)
             return o.view(Bw, H, N, d).transpose(1, 2).reshape(Bw, N, C)
 
         # FlashBias README recipe: bias as extra q/k columns; the mask folded exactly as one-hot columns
@@ -173,11 +176,11 @@ def main():
              lambda: fb.flash_bias_attention(win_qkv, H, logit_scale, bias_factors=(q_f, k_f),
                                              region_ids=region_ids)),
             ("FlashBias exact, float32 bias, image layout (shift+partition inside)",
-             lambda: fb._to_windows(fb.flash_bias_attention(img_qkv, H, logit_scale, bias=bias,
-                                                            region_ids=region_ids, image_size=(side, side),
-                                                            window_size=(window, window), shift_size=shift),
-                                    (side, side), (window, window), shift)),
+             lambda: fb.flash_bias_attention(img_qkv, H, logit_scale, bias=bias, region_ids=region_ids,
+                                             image_size=(side, side), window_size=(window, window),
+                                             shift_size=shift)),
         ]
+        image_layout = variants[-1][0]
         flops = 4 * Bw * H * N * N * d
         print(f"\n{shape}: B*nW={Bw} H={H} N={N} d={d} shift={shift} "
               f"(low-rank R={q_f.shape[-1]}: bias max logit error {info['max_logit_error']:.3f})", flush=True)
@@ -188,6 +191,8 @@ def main():
                 except Exception as e:
                     print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:200]}")
                     continue
+                if label == image_layout:   # back to the window order of the reference
+                    out = fb._to_windows(out, (side, side), (window, window), shift)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 if cuda:
                     import triton
