@@ -1,0 +1,569 @@
+"""The drop-in swin_transformer_v2.py: equivalence with timm's SwinV2, the fused / official switch, the
+bias cache, factor files and rank rules, state-dict compatibility. CPU only (the fused path runs the
+PyTorch reference there; one test runs the real Triton kernel through TRITON_INTERPRET=1)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import model_utils as mu
+from model_utils import B_SHAPED, MINI, ROOT, TINY, images, make_model, make_timm_model, rel_l2, swin
+
+CONFIGS = {"tiny": TINY, "b_shaped": B_SHAPED}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    # no factor files or rank rule from the environment or the current directory leak into a test
+    monkeypatch.delenv("FLASHBIAS_RANK", raising=False)
+    monkeypatch.delenv("FLASHBIAS_FACTORS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+class CountCalls:
+    """Wrap the model module's flash_bias_attention, counting calls (optionally changing its inputs)."""
+
+    def __init__(self, monkeypatch, change=None):
+        self.calls = 0
+        self.change = change
+        original = swin.flash_bias_attention
+
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            if self.change is not None:
+                args, kwargs = self.change(args, kwargs)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(swin, "flash_bias_attention", wrapped)
+
+
+def run(model, x, grad=False):
+    with torch.set_grad_enabled(grad):
+        return model(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# equivalence with timm's independent implementation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_timm_equivalence_fp32(name, mode, monkeypatch):
+    cfg = CONFIGS[name]
+    model = make_model(cfg)
+    ref = make_timm_model(cfg, model.state_dict())
+    x = images()
+    counter = CountCalls(monkeypatch)
+    if mode == "eval":
+        with torch.no_grad():
+            out, expected = model(x), ref(x)
+        assert counter.calls == sum(cfg["depths"])  # every block took the fused path
+    else:
+        model.train(), ref.train()
+        out, expected = model(x), ref(x)
+        assert counter.calls == 0  # training: the official math
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        g = model.layers[0].blocks[1].attn.cpb_mlp[0].weight.grad
+        g_ref = ref.layers[0].blocks[1].attn.cpb_mlp[0].weight.grad
+        assert rel_l2(g, g_ref) < 1e-4
+    assert rel_l2(out, expected) < 1e-4
+    assert torch.equal(out.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_timm_equivalence_autocast_bf16(name, mode):
+    cfg = CONFIGS[name]
+    model = make_model(cfg)
+    ref = make_timm_model(cfg, model.state_dict())
+    model.train(mode == "train"), ref.train(mode == "train")
+    x = images()
+    with torch.no_grad():
+        exact = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, expected = model(x), ref(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_l2(out, expected) < 0.1
+    assert rel_l2(out, exact) < 0.1  # the fused path keeps the bias in float32: no worse than timm's bf16
+    assert (out.argmax(1) == exact.argmax(1)).float().mean() >= 0.75
+
+
+def _zero_bias(args, kwargs):
+    kwargs = dict(kwargs)
+    kwargs["bias"] = torch.zeros_like(kwargs["bias"])
+    return args, kwargs
+
+
+def _permute_heads(args, kwargs):
+    kwargs = dict(kwargs)
+    kwargs["bias"] = kwargs["bias"].roll(1, dims=0)
+    return args, kwargs
+
+
+def _drop_shift_mask(args, kwargs):
+    kwargs = dict(kwargs)
+    if kwargs.get("region_ids") is not None:
+        kwargs["region_ids"] = torch.zeros_like(kwargs["region_ids"])
+    return args, kwargs
+
+
+@pytest.mark.parametrize("breakage", [_zero_bias, _permute_heads, _drop_shift_mask])
+def test_broken_attention_fails_the_equivalence_check(breakage, monkeypatch):
+    model = make_model(TINY)
+    ref = make_timm_model(TINY, model.state_dict())
+    counter = CountCalls(monkeypatch, change=breakage)
+    x = images()
+    with torch.no_grad():
+        out, expected = model(x), ref(x)
+    assert counter.calls > 0
+    assert rel_l2(out, expected) > 1e-2  # the check used above would catch it
+
+
+def test_fused_and_official_paths_agree_b_shaped():
+    model = make_model(B_SHAPED)
+    x = images()
+    with torch.no_grad():
+        fused = model(x)
+        model.set_flash_bias(fused=False)
+        official = model(x)
+    assert rel_l2(fused, official) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# the switch
+# ------------------------------------------------------------------------------------------------
+def test_switch_rule(monkeypatch):
+    model = make_model(MINI)
+    blocks = sum(MINI["depths"])
+    x = images(2, 32)
+    counter = CountCalls(monkeypatch)
+    run(model, x, grad=True)  # eval, grad enabled, parameters require grad: official math
+    assert counter.calls == 0
+    model.requires_grad_(False)
+    run(model, x, grad=True)  # frozen model: nothing needs gradients
+    assert counter.calls == blocks
+    run(model, x.requires_grad_(), grad=True)  # the input needs gradients: official math
+    assert counter.calls == blocks
+    model.requires_grad_(True).train()
+    with torch.no_grad():
+        model(x)  # training mode (dropout): official math
+    assert counter.calls == blocks
+    model.eval().set_flash_bias(fused=False)
+    run(model, x)
+    assert counter.calls == blocks
+    model.set_flash_bias(fused=True)
+    run(model, x)
+    assert counter.calls == 2 * blocks
+
+
+def test_fused_path_does_not_partition_or_roll(monkeypatch):
+    model = make_model(MINI)
+    seen = []
+
+    def kernel_stub(qkv, num_heads, logit_scale, **kwargs):  # stands for the kernel: image layout in, out
+        seen.append((tuple(qkv.shape), kwargs["image_size"], kwargs["window_size"], kwargs["shift_size"],
+                     None if kwargs["region_ids"] is None else tuple(kwargs["region_ids"].shape)))
+        return qkv[..., :qkv.shape[-1] // 3]
+
+    monkeypatch.setattr(swin, "flash_bias_attention", kernel_stub)
+    for fn in ("window_partition", "window_reverse"):
+        monkeypatch.setattr(swin, fn, lambda *a, **k: pytest.fail("official partition used on the fused path"))
+    monkeypatch.setattr(torch, "roll", lambda *a, **k: pytest.fail("torch.roll used on the fused path"))
+    with torch.no_grad():
+        model(images(2, 32))
+    assert seen[0] == ((2, 64, 48), (8, 8), (4, 4), 0, None)
+    assert seen[1] == ((2, 64, 48), (8, 8), (4, 4), 2, (4, 16))
+    assert seen[2][1:4] == ((4, 4), (4, 4), 0)  # window clipped to the resolution: no shift
+
+
+def test_window_attention_direct_call_window_layout():
+    model = make_model(MINI)
+    blk = model.layers[0].blocks[1]
+    assert blk.shift_size > 0
+    N = blk.window_size ** 2
+    x = torch.randn(2 * blk.attn_mask.shape[0], N, blk.dim)
+    with torch.no_grad():
+        official = blk.attn(x, mask=blk.attn_mask)  # a mask tensor: official math
+        fused = blk.attn(x, mask=blk.attn_mask, region_ids=blk.region_ids)  # window layout, fused
+        blk.attn.fused_attn = False
+        assert torch.equal(blk.attn(x, mask=blk.attn_mask), official)
+    assert rel_l2(fused, official) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# the real Triton kernel, through the interpreter, in a subprocess
+# ------------------------------------------------------------------------------------------------
+TRITON_SCRIPT = textwrap.dedent("""
+    import os, sys
+    assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["FLASHBIAS_BACKEND"] == "triton"
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import torch
+    import flash_bias_triton as fbt
+    import model_utils as mu
+    launches = []
+    original = fbt._launch
+    fbt._launch = lambda *a, **k: (launches.append(1), original(*a, **k))[1]
+    model = mu.make_model(mu.MINI)
+    x = mu.images(2, 32)
+    with torch.no_grad():
+        kernel = model(x)
+        assert len(launches) == 4, launches
+        model.set_flash_bias(rank_rule="rank:6")
+        low_rank = model(x)
+        assert len(launches) == 8, launches
+        model.set_flash_bias(fused=False)
+        official = model(x)
+    exact_err, low_rank_err = mu.rel_l2(kernel, official), mu.rel_l2(low_rank, official)
+    print("REL", exact_err, low_rank_err)
+    assert exact_err < 2e-3, exact_err   # float32 input: tf32-like dots in the kernel
+    assert low_rank_err < 5e-2, low_rank_err
+    assert torch.equal(kernel.argmax(1), official.argmax(1))
+""")
+
+
+def test_fused_path_through_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", FLASHBIAS_BACKEND="triton")
+    env.pop("FLASHBIAS_RANK", None)
+    env.pop("FLASHBIAS_FACTORS_DIR", None)
+    script = TRITON_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "REL" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# imports: inside the official `models` package, and with timm 0.4.12's layout
+# ------------------------------------------------------------------------------------------------
+def test_import_as_official_models_package(tmp_path):
+    pkg = tmp_path / "models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .swin_transformer_v2 import SwinTransformerV2\n")
+    for f in ("swin_transformer_v2.py", "flash_bias_triton.py"):
+        (pkg / f).write_text(open(os.path.join(ROOT, f)).read())
+    script = textwrap.dedent("""
+        import sys, torch, timm
+        sys.modules["timm.layers"] = None  # as with timm 0.4.12: only timm.models.layers
+        import models.swin_transformer_v2 as m
+        assert m.flash_bias_attention.__module__ == "models.flash_bias_triton", m.flash_bias_attention.__module__
+        assert "flash_bias_triton" not in sys.modules
+        model = m.SwinTransformerV2(img_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                    num_classes=5).eval()
+        with torch.no_grad():
+            print(model(torch.randn(1, 3, 32, 32)).shape)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.Size([1, 5])" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# state dict: the official keys, nothing more
+# ------------------------------------------------------------------------------------------------
+def test_state_dict_matches_official_layout():
+    model = make_model(TINY)
+    sd = model.state_dict()
+    expected = {name for name, _ in model.named_parameters()}
+    for layer_name, attn in swin.window_attention_layers(model):
+        expected |= {f"{layer_name}.relative_coords_table", f"{layer_name}.relative_position_index"}
+    for i, layer in enumerate(model.layers):
+        for j, blk in enumerate(layer.blocks):
+            if blk.shift_size > 0:
+                expected.add(f"layers.{i}.blocks.{j}.attn_mask")
+                N = blk.window_size ** 2
+                assert sd[f"layers.{i}.blocks.{j}.attn_mask"].shape == (blk.region_ids.shape[0], N, N)
+            else:
+                assert blk.attn_mask is None and blk.region_ids is None
+    assert set(sd) == expected
+    assert any(k.endswith("attn_mask") for k in sd)
+    assert not any("region" in k or "flash" in k or "cache" in k for k in sd)
+    with torch.no_grad():
+        model(images(1))  # caches filled: still nothing new in the state dict
+    assert set(model.state_dict()) == expected
+    other = make_model(TINY, seed=5)
+    result = other.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert model.flops() == other.flops() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the bias cache
+# ------------------------------------------------------------------------------------------------
+def test_derive_bias_matches_official_math():
+    model = make_model(TINY)
+    attn = model.layers[0].blocks[1].attn
+    bias = attn.derive_bias()
+    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+    N = attn.window_size[0] * attn.window_size[1]
+    official = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
+    assert bias.dtype == torch.float32 and not bias.requires_grad and bias.shape == (attn.num_heads, N, N)
+    assert torch.allclose(bias, official, atol=1e-6)
+    b1, _ = attn.flash_bias_operands()
+    b2, _ = attn.flash_bias_operands()
+    assert b1 is b2  # cached
+
+
+def test_weights_loaded_after_first_forward_are_picked_up():
+    a, b = make_model(TINY, seed=0), make_model(TINY, seed=1)
+    x = images()
+    with torch.no_grad():
+        out_a, out_b = a(x), b(x)
+        assert rel_l2(out_a, out_b) > 1e-2
+        a.load_state_dict(b.state_dict())  # in place, after the caches were filled
+        assert torch.allclose(a(x), out_b, rtol=1e-5, atol=1e-6)
+        # two models in one process stay independent
+        fresh_a = make_model(TINY, seed=0)
+        assert torch.allclose(fresh_a(x), out_a, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(b(x), out_b, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_parameter_change_is_picked_up():
+    model = make_model(MINI)
+    attn = model.layers[0].blocks[0].attn
+    bias0, _ = attn.flash_bias_operands()
+    with torch.no_grad():
+        attn.cpb_mlp[2].weight.mul_(2)
+    bias1, _ = attn.flash_bias_operands()
+    assert not torch.allclose(bias0, bias1)
+    assert torch.allclose(bias1, attn.derive_bias())
+    # rewritten with identical values: kept (no re-derivation)
+    with torch.no_grad():
+        attn.relative_coords_table.copy_(attn.relative_coords_table.clone())
+    bias2, _ = attn.flash_bias_operands()
+    assert bias2 is bias1
+
+
+def test_dtype_changes_are_picked_up():
+    model = make_model(MINI)
+    x = images(2, 32)
+    with torch.no_grad():
+        out32 = model(x)
+        attn = model.layers[0].blocks[0].attn
+        bias32, _ = attn.flash_bias_operands()
+        model.double()
+        bias64, _ = attn.flash_bias_operands()
+        assert bias64 is not bias32 and bias64.dtype == torch.float32
+        out64 = model(x.double())
+        assert out64.dtype == torch.float64
+        assert rel_l2(out64, out32) < 1e-5
+        model.half()
+        bias16, _ = attn.flash_bias_operands()
+        assert bias16.dtype == torch.float32
+        assert (bias16 - bias32).abs().max() < 0.05  # float32 from fp16-rounded weights
+        assert torch.equal(bias16, attn.derive_bias())
+
+
+# ------------------------------------------------------------------------------------------------
+# rank rules
+# ------------------------------------------------------------------------------------------------
+def test_env_is_read_at_first_use(monkeypatch):
+    monkeypatch.setenv("FLASHBIAS_RANK", "bogus")
+    model = make_model(MINI)  # construction reads nothing
+    with pytest.raises(ValueError, match="rank rule"):
+        with torch.no_grad():
+            model(images(1, 32))
+
+
+@pytest.mark.parametrize("rule", ["rank:4", "energy:0.995", "logit:0.05"])
+def test_rank_rules(rule, monkeypatch):
+    model = make_model(TINY)
+    x = images()
+    with torch.no_grad():
+        exact = model(x)
+        monkeypatch.setenv("FLASHBIAS_RANK", rule)
+        model.set_flash_bias()  # settings are re-read at the next forward
+        out = model(x)
+    factors = [attn.flash_bias_operands()[1] for _, attn in swin.window_attention_layers(model)]
+    if rule == "rank:4":
+        assert all(f is not None and f[0].shape[-1] == 4 for f in factors)
+    elif rule == "logit:0.05":
+        for (_, attn), f in zip(swin.window_attention_layers(model), factors):
+            if f is not None:
+                approx = f[0] @ f[1].transpose(-2, -1)
+                assert swin.logit_error(attn.derive_bias(), approx)[0] <= 0.05
+    assert any(f is not None for f in factors)
+    assert 0 < rel_l2(out, exact) < {"rank:4": 0.5, "energy:0.995": 0.15, "logit:0.05": 0.05}[rule]
+    model.set_flash_bias(rank_rule="exact")  # the method overrides the environment
+    with torch.no_grad():
+        assert torch.allclose(model(x), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_rule_set_before_first_forward_is_kept():
+    model = make_model(MINI)
+    for _, attn in swin.window_attention_layers(model):
+        attn.flash_bias_rank_rule = "rank:3"  # as scripts/demo.py does
+    with torch.no_grad():
+        model(images(1, 32))
+    for _, attn in swin.window_attention_layers(model):
+        bias, factors = attn.flash_bias_operands()
+        assert bias is None and factors[0].shape[-1] == 3
+
+
+def test_bad_rank_rule_rejected():
+    model = make_model(MINI)
+    for bad in ("rank", "rank:x", "svd:3", ""):
+        with pytest.raises(ValueError):
+            model.set_flash_bias(rank_rule=bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# factor files
+# ------------------------------------------------------------------------------------------------
+def _factors(model, max_logit_error=0.02, skip=()):
+    out = {}
+    for i, (_, attn) in enumerate(swin.window_attention_layers(model)):
+        if i in skip:
+            continue
+        q, k, info = swin.low_rank_bias_factors(attn.derive_bias(), max_logit_error=max_logit_error)
+        if q is not None:
+            out[i] = (q, k)
+    return out
+
+
+def test_factor_file_roundtrip_and_validation(tmp_path):
+    a = make_model(TINY, seed=0)
+    factors = _factors(a, skip={1})
+    assert len(factors) >= 4
+    path = swin.save_bias_factors(tmp_path / "fac", a, factors, {"rule": "logit:0.02"})
+    assert path.endswith("bias_factors.npz")
+    with np.load(path, allow_pickle=False) as z:
+        assert str(z["format"]) == "flashbias-swinv2-factors-v1"
+        assert int(z["num_layers"]) == len(swin.window_attention_layers(a))
+        assert str(z["layer1_name"]) == "layers.0.blocks.1.attn" and "layer1_q_bias" not in z.files
+        assert str(z["layer0_checksum"]) == swin.cpb_checksum(a.layers[0].blocks[0].attn)
+        assert json.loads(str(z["meta"])) == {"rule": "logit:0.02"}
+    x = images()
+    with torch.no_grad():
+        exact = a(x)
+        loaded = swin.load_bias_factors(a, tmp_path / "fac")
+        assert set(loaded) == set(factors)
+        out = a(x)
+    assert 0 < rel_l2(out, exact) < 2e-2
+    assert torch.equal(out.argmax(1), exact.argmax(1))
+    layers = swin.window_attention_layers(a)
+    assert layers[1][1].flash_bias_operands()[1] is None  # absent layer: exact
+    assert layers[0][1].flash_bias_operands()[0] is None  # present layer: low-rank
+
+    # another model's weights: rejected, naming the layer
+    b = make_model(TINY, seed=1)
+    with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn"):
+        swin.load_bias_factors(b, path)
+    # weights changed after the factors were loaded: the next forward refuses
+    a.load_state_dict(b.state_dict())
+    with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn"):
+        with torch.no_grad():
+            a(x)
+
+
+def test_factor_files_found_lazily(tmp_path, monkeypatch):
+    a = make_model(TINY, seed=0)
+    x = images()
+    with torch.no_grad():
+        exact = a(x)
+    swin.save_bias_factors(tmp_path / "decomposed_bias", a, _factors(a), "{}")
+    monkeypatch.chdir(tmp_path)  # the default folder, relative to the directory at first use
+    monkeypatch.setenv("FLASHBIAS_RANK", "rank:2")  # files take precedence over the rank rule
+    fresh = make_model(TINY, seed=0)
+    with torch.no_grad():
+        out = fresh(x)
+    assert 0 < rel_l2(out, exact) < 2e-2
+    assert all(attn._flash_file_factors is not None for _, attn in swin.window_attention_layers(fresh))
+    # the official main.py order: build, load the checkpoint, evaluate
+    late = make_model(TINY, seed=3)
+    late.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(late(x), out, rtol=1e-5, atol=1e-6)
+    # env var folder, and a model whose weights do not match
+    monkeypatch.chdir(os.path.dirname(tmp_path))
+    monkeypatch.setenv("FLASHBIAS_FACTORS_DIR", str(tmp_path / "decomposed_bias"))
+    with pytest.raises(ValueError, match="layers"):
+        with torch.no_grad():
+            make_model(TINY, seed=1)(x)
+    # .half() keeps the (rounded) weights acceptable
+    fresh.half()
+    for _, attn in swin.window_attention_layers(fresh):
+        attn.flash_bias_operands()
+
+
+def _rewrite(path, **changes):
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for k, v in changes.items():
+        if v is None:
+            arrays.pop(k)
+        else:
+            arrays[k] = v
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(format=np.array("something-else")), "format"),
+    (dict(num_layers=np.array(3)), "layers"),
+    (dict(layer2_name=np.array("layers.9.attn")), "layers.9.attn"),
+    (dict(layer0_q_bias=np.zeros((2, 64, 3), np.float32)), r"layer 0 \(layers\.0\.blocks\.0\.attn\)"),
+    (dict(layer0_k_bias=None), "only one"),
+    (dict(layer0_checksum=np.array("0" * 64)), r"layers\.0\.blocks\.0\.attn"),
+])
+def test_factor_file_tampering_rejected(tmp_path, change, match):
+    a = make_model(TINY)
+    factors = _factors(a)
+    path = swin.save_bias_factors(tmp_path / "f.npz", a, factors, None)
+    _rewrite(path, **change)
+    with pytest.raises(ValueError, match=match):
+        swin.load_bias_factors(a, path)
+
+
+def test_seed_named_factor_files(tmp_path):
+    a = make_model(TINY, seed=0)
+    x = images()
+    with torch.no_grad():
+        exact = a(x)
+    folder = tmp_path / "seed"
+    folder.mkdir()
+    for i, (q, k) in _factors(a).items():
+        np.save(folder / f"swin_v2_B_q_bias_{i}.npy", q.numpy())
+        np.save(folder / f"swin_v2_B_k_bias_{i}.npy", k.numpy())
+    swin.load_bias_factors(a, folder)
+    with torch.no_grad():
+        out = a(x)
+    assert 0 < rel_l2(out, exact) < 2e-2
+    with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn"):  # from other weights
+        swin.load_bias_factors(make_model(TINY, seed=1), folder)
+    np.save(folder / "swin_v2_B_q_bias_0.npy", np.zeros((3, 64, 4), np.float32))  # wrong shape
+    with pytest.raises(ValueError, match="layer 0"):
+        swin.load_bias_factors(a, folder)
+    bad = tmp_path / "extra"
+    bad.mkdir()
+    np.save(bad / "swin_v2_L_q_bias_99.npy", np.zeros((2, 64, 4), np.float32))
+    np.save(bad / "swin_v2_L_k_bias_99.npy", np.zeros((2, 64, 4), np.float32))
+    with pytest.raises(ValueError, match="99"):
+        swin.load_bias_factors(a, bad)
+
+
+def test_load_bias_factors_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        swin.load_bias_factors(make_model(MINI), tmp_path / "nothing")
+
+
+def test_wrapped_models_and_helpers():
+    model = make_model(MINI)
+    names = [n for n, _ in swin.window_attention_layers(model)]
+    assert names == ["layers.0.blocks.0.attn", "layers.0.blocks.1.attn", "layers.1.blocks.0.attn",
+                     "layers.1.blocks.1.attn"]
+    assert [n for n, _ in swin.window_attention_layers(torch.nn.DataParallel(model))] == names
+    assert len(swin.cpb_checksum(model.layers[0].blocks[0].attn)) == 64
+
+
+def test_torch_compile_eager_backend():
+    model = make_model(MINI)
+    x = images(2, 32)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="eager")
+        assert torch.allclose(compiled(x), expected, rtol=1e-5, atol=1e-6)
