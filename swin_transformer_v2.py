@@ -265,11 +265,11 @@ class WindowAttention(nn.Module):
         if cache is not None and cache["key"] == key:
             return cache["bias"], cache["factors"]
         with torch.no_grad():
-            weights = [t.detach() for t in self._flash_weights()]
-            if (cache is not None and cache["key"][0] == key[0]
+            weights = [t.detach() for t in self._flash_weights()[:4]]  # the (large) index: by key only
+            if (cache is not None and cache["key"][0] == key[0] and cache["key"][-1] == key[-1]
                     and all(a[2] == b[2] for a, b in zip(cache["key"][1:], key[1:]))
                     and all(torch.equal(a, b) for a, b in zip(cache["weights"], weights))):
-                cache["key"] = key  # rewritten with the same values (e.g. a buffer broadcast)
+                cache["key"] = key  # rewritten with the same values (e.g. reloaded, a buffer broadcast)
                 return cache["bias"], cache["factors"]
             bias = self.derive_bias()
             factors = None
@@ -947,6 +947,8 @@ def _read_npz(file, layers):
         fmt = str(z["format"]) if "format" in keys else None
         if fmt != FACTORS_FORMAT:
             raise ValueError(f"FlashBias: {file}: format {fmt!r}, expected {FACTORS_FORMAT!r}")
+        if "num_layers" not in keys:
+            raise ValueError(f"FlashBias: {file}: no num_layers")
         num_layers = int(z["num_layers"])
         if num_layers != len(layers):
             raise ValueError(f"FlashBias: {file} has {num_layers} layers, the model {len(layers)}")
