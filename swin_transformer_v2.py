@@ -25,9 +25,9 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
 import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as a top-level module
-    from .flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors
+    from .flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, relative_position_index
 except ImportError:
-    from flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors
+    from flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, relative_position_index
 
 
 class Mlp(nn.Module):
@@ -184,11 +184,9 @@ class WindowAttention(nn.Module):
 
         if image_size is not None or ((mask is None or region_ids is not None) and self.use_fused_attn(x)):
             # FlashBias: fused cosine attention + cached bias (+ shift mask from region ids)
-            bias, bias_factors = self.flash_bias_operands()
-            x = flash_bias_attention(qkv, self.num_heads, self.logit_scale, bias=bias, bias_factors=bias_factors,
-                                     region_ids=region_ids, image_size=image_size,
-                                     window_size=self.window_size if image_size is not None else None,
-                                     shift_size=shift_size)
+            x = flash_bias_attention(qkv, self.num_heads, self.logit_scale, region_ids=region_ids,
+                                     image_size=image_size, window_size=self.window_size, shift_size=shift_size,
+                                     **self.flash_bias_operands())
         else:
             qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]  # make torchscript happy (cannot use tensor as tuple)
@@ -243,50 +241,60 @@ class WindowAttention(nn.Module):
         return tuple(key)
 
     @torch.no_grad()
-    def derive_bias(self):
-        """FlashBias: the relative position bias 16 * sigmoid(cpb_mlp(relative_coords_table)) gathered by
-        relative_position_index, (num_heads, N, N) float32 on the buffers' device, no grad. Computed in float32
-        from upcast weights (also under .half() or autocast)."""
+    def derive_bias_table(self):
+        """FlashBias: 16 * sigmoid(cpb_mlp(relative_coords_table)), the bias of each relative offset,
+        (num_heads, (2*Wh-1)*(2*Ww-1)) float32 on the buffers' device, no grad. Computed in float32 from upcast
+        weights (also under .half() or autocast)."""
         w0, b0, w2 = self.cpb_mlp[0].weight, self.cpb_mlp[0].bias, self.cpb_mlp[2].weight
         table = self.relative_coords_table
         with torch.autocast(device_type=table.device.type, enabled=False):
             hidden = F.relu(F.linear(table.float(), w0.float(), None if b0 is None else b0.float()))
             table = F.linear(hidden, w2.float()).view(-1, self.num_heads)
+        return (16 * torch.sigmoid(table)).t().contiguous()
+
+    @torch.no_grad()
+    def derive_bias(self):
+        """FlashBias: the relative position bias, derive_bias_table() gathered by relative_position_index,
+        (num_heads, N, N) float32, no grad."""
         N = self.window_size[0] * self.window_size[1]
-        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
-        return 16 * torch.sigmoid(bias)
+        return self.derive_bias_table()[:, self.relative_position_index.view(-1)].view(self.num_heads, N, N)
 
     def flash_bias_operands(self):
-        """FlashBias: (bias, bias_factors) for flash_bias_attention: exact mode (dense (H, N, N) float32 bias,
-        None) or low-rank mode (None, (q_bias, k_bias)) from a factor file or the rank rule. Cached in plain
-        attributes and derived again (factor files re-validated) when the weights, their dtype or device change."""
+        """FlashBias: the bias keyword arguments of flash_bias_attention. Exact mode: {"bias_table": (H,
+        (2*Wh-1)*(2*Ww-1)) float32}, which the kernel gathers by relative position itself ({"bias": (H, N, N)}
+        if relative_position_index is not the standard one); low-rank mode: {"bias_factors": (q_bias, k_bias)}
+        from a factor file or the rank rule. Cached in plain attributes and derived again (factor files
+        re-validated) when the weights, their dtype or device change."""
         key = self._flash_key()
         cache = self._flash_cache
         if cache is not None and cache["key"] == key:
-            return cache["bias"], cache["factors"]
+            return cache["operands"]
         with torch.no_grad():
             weights = [t.detach() for t in self._flash_weights()[:4]]  # the (large) index: by key only
             if (cache is not None and cache["key"][0] == key[0] and cache["key"][-1] == key[-1]
                     and all(a[2] == b[2] for a, b in zip(cache["key"][1:], key[1:]))
                     and all(torch.equal(a, b) for a, b in zip(cache["weights"], weights))):
                 cache["key"] = key  # rewritten with the same values (e.g. reloaded, a buffer broadcast)
-                return cache["bias"], cache["factors"]
-            bias = self.derive_bias()
-            factors = None
+                return cache["operands"]
+            device = self.relative_position_index.device
+            operands = None
             if self._flash_file_factors is not None:
-                q_bias, k_bias = _check_file_factors(self, bias)
-                factors, bias = (q_bias.to(bias.device), k_bias.to(bias.device)), None
+                q_bias, k_bias = _check_file_factors(self, self.derive_bias())
+                operands = {"bias_factors": (q_bias.to(device), k_bias.to(device))}
             else:
                 if self.flash_bias_rank_rule is None:
                     self.flash_bias_rank_rule = os.environ.get("FLASHBIAS_RANK", "exact")
                 rule = parse_rank_rule(self.flash_bias_rank_rule)
                 if rule is not None:
-                    q_bias, k_bias, _ = low_rank_bias_factors(bias, **rule)
+                    q_bias, k_bias, _ = low_rank_bias_factors(self.derive_bias(), **rule)
                     if q_bias is not None:
-                        factors, bias = (q_bias, k_bias), None
-            self._flash_cache = {"key": key, "weights": [t.clone() for t in weights],
-                                 "bias": bias, "factors": factors}
-        return bias, factors
+                        operands = {"bias_factors": (q_bias, k_bias)}
+            if operands is None:
+                standard = torch.equal(self.relative_position_index,
+                                       relative_position_index(self.window_size).to(device))
+                operands = {"bias_table": self.derive_bias_table()} if standard else {"bias": self.derive_bias()}
+            self._flash_cache = {"key": key, "weights": [t.clone() for t in weights], "operands": operands}
+        return operands
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, window_size={self.window_size}, ' \
