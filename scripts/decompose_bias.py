@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--seed-format", nargs="?", const="B", default=None, metavar="TAG",
                    help="also write swin_v2_{TAG}_q_bias_{i}.npy / _k_bias_{i}.npy (TAG default B)")
     p.add_argument("--no-figure", action="store_true", help="skip spectra.png")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip measuring the other centering (one SVD per layer instead of four)")
     args = p.parse_args(argv)
     if args.energy is None and args.max_logit_error is None and args.rank is None:
         args.energy = 0.995
@@ -159,17 +161,19 @@ def rule_text(args) -> str:
     return f"max logit error {args.max_logit_error}"
 
 
-def decompose_layer(bias: torch.Tensor, rule: dict, center: bool) -> dict:
+def decompose_layer(bias: torch.Tensor, rule: dict, center: bool, compare: bool = True) -> dict:
     """Factors of one layer's bias (H, N, N) under ``rule`` with and without row centering.
 
     Returns q_bias, k_bias (H, N, R) or None; info (rank, energy, errors) of the chosen variant;
     alt_info: the other centering under the same rule; alt_same_rank: (max, mean) error of the other
     centering at the chosen rank; alt_rank_same_error: the rank the other centering needs for the same
-    max logit error (None: none up to 128). Both None when the layer stays exact."""
+    max logit error (None: none up to 128). Both None when the layer stays exact; all three None
+    with compare=False (one SVD instead of four)."""
     q_bias, k_bias, info = low_rank_bias_factors(bias, center_rows=center, **rule)
-    _, _, alt_info = low_rank_bias_factors(bias, center_rows=not center, **rule)
-    alt_same_rank = alt_rank_same_error = None
-    if info["rank"] is not None:
+    alt_info = alt_same_rank = alt_rank_same_error = None
+    if compare:
+        _, _, alt_info = low_rank_bias_factors(bias, center_rows=not center, **rule)
+    if compare and info["rank"] is not None:
         _, _, same = low_rank_bias_factors(bias, rank=info["rank"], center_rows=not center)
         alt_same_rank = (same["max_logit_error"], same["mean_logit_error"])
         _, _, same = low_rank_bias_factors(bias, max_logit_error=info["max_logit_error"] * (1 + 1e-9) + 1e-12,
@@ -224,29 +228,32 @@ def write_report(path, results, args, source, center):
         rank = info["rank"] if info["rank"] else "exact (no rank meets the bound)"
         same = (f"{r['alt_same_rank'][0]:.4f} / {r['alt_same_rank'][1]:.5f}" if r["alt_same_rank"] else "-")
         same_err = "-" if not r["alt_same_rank"] else (r["alt_rank_same_error"] or f"> {min(N, 128)}")
+        alt_cols = (f"{alt['rank'] or 'none'} | {alt['max_logit_error']:.4f}" if alt else "- | -")
         lines.append(f"| {r['index']} | {r['name']} | {H} | {N} | {rank} | {info['energy']:.5f} | "
                      f"{info['max_logit_error']:.4f} | {info['mean_logit_error']:.5f} | {fmt_bytes(factor)} | "
-                     f"{fmt_bytes(dense)} | {alt['rank'] or 'none'} | {alt['max_logit_error']:.4f} | {same} | {same_err} |")
+                     f"{fmt_bytes(dense)} | {alt_cols} | {same} | {same_err} |")
     ranked = [r for r in results if r["info"]["rank"]]
-    alt_ranked = [r for r in results if r["alt_info"]["rank"]]
+    compared = all(r["alt_info"] for r in results)
+    alt_ranked = [r for r in results if compared and r["alt_info"]["rank"]]
     mean_rank = np.mean([r["info"]["rank"] for r in ranked]) if ranked else float("nan")
     alt_mean_rank = np.mean([r["alt_info"]["rank"] for r in alt_ranked]) if alt_ranked else float("nan")
     worst = max(r["info"]["max_logit_error"] for r in results)
-    alt_worst = max(r["alt_info"]["max_logit_error"] for r in results)
+    alt_worst = max(r["alt_info"]["max_logit_error"] for r in results) if compared else float("nan")
     lines += ["", "## Summary", "",
               f"- layers factored: {len(ranked)} of {len(results)} (the rest stay exact)",
               f"- bytes: factors {fmt_bytes(total_factor)} vs dense bias {fmt_bytes(total_dense)} "
               f"({total_factor / total_dense:.3f}x)",
               f"- {primary}: mean rank {mean_rank:.1f}, worst max logit error {worst:.4f}",
-              f"- {other} (same rule): mean rank {alt_mean_rank:.1f}, worst max logit error {alt_worst:.4f}"]
+              f"- {other} (same rule): " + (f"mean rank {alt_mean_rank:.1f}, worst max logit error {alt_worst:.4f}"
+                                             if compared else "not measured (--no-compare)")]
     same_error = [(r["info"]["rank"], r["alt_rank_same_error"]) for r in ranked]
-    if same_error:
+    if same_error and compared:
         capped = sum(1 for _, a in same_error if a is None)
         mean_alt = np.mean([a if a is not None else min(r["N"], 128) for r, (_, a) in zip(ranked, same_error)])
         lines.append(f"- for the same max logit error per layer, {other} rows need mean rank {mean_alt:.1f} "
                      f"(vs {mean_rank:.1f})" + (f"; {capped} layers not reachable up to rank min(N, 128), "
                                                   f"counted at that cap" if capped else ""))
-    if args.energy is not None:
+    if args.energy is not None and compared:
         lines += ["", "Note: the energy rule is not comparable across centering: an uncentered bias (values "
                   "around 8) spends most of its energy on the per-row constant that softmax ignores, so "
                   "keeping 99.5% of it can still leave large logit errors. Compare the error columns."]
@@ -341,7 +348,7 @@ def main(argv=None) -> int:
     results, factors, start = [], {}, time.time()
     for entry, bias in layers:
         H, N, _ = bias.shape
-        r = decompose_layer(bias, rule_kwargs(args, N), center)
+        r = decompose_layer(bias, rule_kwargs(args, N), center, compare=not args.no_compare)
         r.update(index=entry["index"], name=entry["name"], heads=H, N=N)
         results.append(r)
         info, alt = r["info"], r["alt_info"]
@@ -349,9 +356,9 @@ def main(argv=None) -> int:
             factors[entry["index"]] = (r["q_bias"].cpu(), r["k_bias"].cpu())
         print(f"[{len(results)}/{len(layers)}] {entry['name']}: H {H} N {N} rank "
               f"{info['rank'] or 'exact'} energy {info['energy']:.4f} max/mean logit err "
-              f"{info['max_logit_error']:.4f}/{info['mean_logit_error']:.5f} | "
-              f"{'un' if center else ''}centered: rank {alt['rank'] or 'none'} max err {alt['max_logit_error']:.4f}"
-              f" ({time.time() - start:.1f} s)", flush=True)
+              f"{info['max_logit_error']:.4f}/{info['mean_logit_error']:.5f}"
+              + (f" | {'un' if center else ''}centered: rank {alt['rank'] or 'none'} max err "
+                 f"{alt['max_logit_error']:.4f}" if alt else "") + f" ({time.time() - start:.1f} s)", flush=True)
     meta = {"rule": rule_text(args), "centered": center, "source": source,
             "ranks": [r["info"]["rank"] for r in results],
             "max_logit_error": [r["info"]["max_logit_error"] for r in results],
@@ -373,10 +380,12 @@ def main(argv=None) -> int:
             np.save(os.path.join(args.out, f"swin_v2_{args.seed_format}_k_bias_{i}.npy"), k_bias.float().numpy())
         print(f"wrote {len(factors)} pairs swin_v2_{args.seed_format}_q_bias_i.npy / _k_bias_i.npy", flush=True)
     summary = write_report(os.path.join(args.out, "report.md"), results, args, source, center)
-    print(f"wrote {os.path.join(args.out, 'report.md')}: mean rank {summary['mean_rank']:.1f} "
-          f"({'un' if center else ''}centered {summary['alt_mean_rank']:.1f}), worst max logit error "
-          f"{summary['worst']:.4f} ({'un' if center else ''}centered {summary['alt_worst']:.4f}), "
-          f"factors {fmt_bytes(summary['factor_bytes'])} vs dense {fmt_bytes(summary['dense_bytes'])}", flush=True)
+    other = "uncentered" if center else "centered"
+    compared = "" if args.no_compare else f" ({other} {summary['alt_mean_rank']:.1f})"
+    compared_err = "" if args.no_compare else f" ({other} {summary['alt_worst']:.4f})"
+    print(f"wrote {os.path.join(args.out, 'report.md')}: mean rank {summary['mean_rank']:.1f}{compared}, worst "
+          f"max logit error {summary['worst']:.4f}{compared_err}, factors {fmt_bytes(summary['factor_bytes'])} "
+          f"vs dense {fmt_bytes(summary['dense_bytes'])}", flush=True)
     if not args.no_figure:
         print(write_figure(os.path.join(args.out, "spectra.png"), layers, results, center), flush=True)
     return 0

@@ -106,14 +106,25 @@ def load_image(path: str, img_size: int, crop: bool) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Modes and timing
 # ----------------------------------------------------------------------------------------------
-def set_mode(dropin, model, fused: bool, rule: str = "exact"):
-    """fused=False: the official math everywhere; else FlashBias with ``rule`` (a factor file
-    attached by load_bias_factors takes precedence over the rule)."""
-    for _, attn in dropin.window_attention_layers(model):
+def set_mode(dropin, model, fused: bool, rule: str = "exact", factors_path=False):
+    """fused=False: the official math everywhere; else FlashBias with ``rule``, or the factor files at
+    ``factors_path`` (False: none, whatever ./decomposed_bias or $FLASHBIAS_FACTORS_DIR hold)."""
+    if hasattr(model, "set_flash_bias"):
+        model.set_flash_bias(rank_rule=rule, factors_path=factors_path, fused=fused)
+        return
+    for _, attn in dropin.window_attention_layers(model):  # a drop-in without set_flash_bias
         attn.fused_attn = fused
         attn.flash_bias_rank_rule = rule
-        if hasattr(attn, "_flash_cache"):
-            attn._flash_cache = None  # derive the bias/factors again under the new rule
+
+
+def count_low_rank_layers(dropin, model):
+    """(layers that ran on low-rank factors, layers) after a FlashBias forward, read from the
+    drop-in's bias cache; None if the drop-in keeps no such cache."""
+    layers = dropin.window_attention_layers(model)
+    operands = [(getattr(attn, "_flash_cache", None) or {}).get("operands") for _, attn in layers]
+    if not all(isinstance(o, dict) for o in operands):
+        return None
+    return sum("bias_factors" in o for o in operands), len(layers)
 
 
 class Timer:
@@ -182,6 +193,7 @@ def main(argv=None) -> int:
         if os.path.isfile(npz) and not zipfile.is_zipfile(npz):
             raise UserError(f"factor file {npz} is corrupt (not an .npz archive): write it again with "
                             f"scripts/decompose_bias.py")
+        set_mode(dropin, lowrank_model, True, "exact", factors_path=args.factors)
         try:
             loaded = dropin.load_bias_factors(lowrank_model, args.factors)
         except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
@@ -217,10 +229,7 @@ def main(argv=None) -> int:
           f"{'float16 autocast' if on_gpu else 'float32'}, {len(batches)} batch(es)", flush=True)
     rows, reference = [], None
     for label, fused, rule, from_file in modes:
-        if from_file:
-            for _, attn in dropin.window_attention_layers(lowrank_model):
-                attn.fused_attn = True
-        else:
+        if not from_file:
             set_mode(dropin, model, fused, rule)
         print(f"running {label} ...", flush=True)
         try:
@@ -230,6 +239,12 @@ def main(argv=None) -> int:
             raise UserError(f"{label}: {e}") from None
         if reference is None:
             reference = logits
+        if fused and rule != "exact" or from_file:
+            counted = count_low_rank_layers(dropin, lowrank_model if from_file else model)
+            if counted is not None:
+                print(f"  low-rank factors in {counted[0]} of {counted[1]} layers (the others use the exact "
+                      f"bias: no rank up to 128 met the rule)" if counted[0] < counted[1] else
+                      f"  low-rank factors in all {counted[1]} layers", flush=True)
         rel = ((logits - reference).norm() / reference.norm().clamp_min(1e-30)).item()
         agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
         acc = (logits.argmax(-1) == labels).float().mean().item() if labels is not None else None

@@ -110,13 +110,16 @@ def pipeline(work):
                                         "--out", tmp / "fac_logit")
     # rank 2 through the bias folder + model check (names and checksums must agree)
     out["rank_stdout"], _ = run_script("decompose_bias.py", "--bias-dir", tmp / "bias", "--cfg", work["cfg"],
-                                       "--resume", work["ckpt"], "--rank", 2, "--no-figure",
+                                       "--resume", work["ckpt"], "--rank", 2, "--no-figure", "--no-compare",
                                        "--out", tmp / "fac_rank2")
     return out
 
 
 def load_model(work, ckpt=None):
+    """The drop-in model from the test config and a checkpoint, set to the exact bias (no factor files
+    from ./decomposed_bias or the environment)."""
     _, model = swin_config.build_from_args(str(work["cfg"]), str(ckpt or work["ckpt"]), verbose=False)
+    model.set_flash_bias(rank_rule="exact", factors_path=False)
     return model
 
 
@@ -177,6 +180,7 @@ def test_decompose_outputs_and_report(work, pipeline):
             assert q.shape[2] == rank
     assert max(logit_meta["max_logit_error"]) <= 0.05
     assert factor_meta(work["tmp"] / "fac_rank2")["ranks"] == [2] * 8
+    assert "not measured (--no-compare)" in (work["tmp"] / "fac_rank2" / "report.md").read_text()
 
 
 def test_factors_load_and_error_matches_report(work, pipeline):
