@@ -52,6 +52,7 @@ def default_config() -> CfgNode:
     cfg = CfgNode()
     cfg.DATA = CfgNode()
     cfg.DATA.IMG_SIZE = 224
+    cfg.DATA.DATASET = "imagenet"
     cfg.MODEL = CfgNode()
     cfg.MODEL.TYPE = "swinv2"
     cfg.MODEL.NAME = "swinv2"
@@ -92,6 +93,9 @@ EMBEDDED_CONFIGS: Dict[str, dict] = {
                        "SWINV2": {"EMBED_DIM": 24, "DEPTHS": [2, 2, 2, 2], "NUM_HEADS": [1, 2, 4, 8],
                                   "WINDOW_SIZE": 8, "PRETRAINED_WINDOW_SIZES": [0, 0, 0, 0]}}},
 }
+
+
+IMAGENET22K_CLASSES = 21841
 
 
 def _read_yaml_with_bases(path: str, seen: Tuple[str, ...] = ()) -> List[dict]:
@@ -148,6 +152,9 @@ def load_config(cfg_path: Optional[str] = None, embedded: Optional[str] = None) 
     if str(cfg.MODEL.TYPE).lower() != "swinv2":
         raise UserError(f"config {source} describes MODEL.TYPE={cfg.MODEL.TYPE!r}; these scripts handle "
                         f"SwinV2 (MODEL.TYPE: swinv2)")
+    # the official data/build.py sets the class count from the dataset: a 22k config's head has 21841
+    if str(cfg.DATA.DATASET) == "imagenet22K":
+        cfg.MODEL.NUM_CLASSES = IMAGENET22K_CLASSES
     s = cfg.MODEL.SWINV2
     if not (len(s.DEPTHS) == len(s.NUM_HEADS) == len(s.PRETRAINED_WINDOW_SIZES)):
         raise UserError(f"config {source}: DEPTHS, NUM_HEADS and PRETRAINED_WINDOW_SIZES need one entry "

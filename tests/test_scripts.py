@@ -140,7 +140,9 @@ def test_config_base_resolution(work, tmp_path):
     (tmp_path / "official.yaml").write_text("BASE: ['']\nMODEL:\n  TYPE: swinv2\n")
     (tmp_path / "child.yaml").write_text("BASE: ['official.yaml']\nDATA:\n  IMG_SIZE: 256\n")
     cfg = swin_config.load_config(str(tmp_path / "child.yaml"))
-    assert cfg.DATA.IMG_SIZE == 256 and cfg.MODEL.SWINV2.WINDOW_SIZE == 7
+    assert cfg.DATA.IMG_SIZE == 256 and cfg.MODEL.SWINV2.WINDOW_SIZE == 7 and cfg.MODEL.NUM_CLASSES == 1000
+    (tmp_path / "in22k.yaml").write_text("DATA:\n  DATASET: imagenet22K\nMODEL:\n  TYPE: swinv2\n")
+    assert swin_config.load_config(str(tmp_path / "in22k.yaml")).MODEL.NUM_CLASSES == 21841
     (tmp_path / "bad.yaml").write_text("_BASE_: nowhere.yaml\n")
     with pytest.raises(swin_config.UserError, match="nowhere.yaml"):
         swin_config.load_config(str(tmp_path / "bad.yaml"))
