@@ -25,9 +25,9 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
 import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as a top-level module
-    from .flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, relative_position_index
+    from .flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors
 except ImportError:
-    from flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, relative_position_index
+    from flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors
 
 
 class Mlp(nn.Module):
@@ -260,11 +260,11 @@ class WindowAttention(nn.Module):
         return self.derive_bias_table()[:, self.relative_position_index.view(-1)].view(self.num_heads, N, N)
 
     def flash_bias_operands(self):
-        """FlashBias: the bias keyword arguments of flash_bias_attention. Exact mode: {"bias_table": (H,
-        (2*Wh-1)*(2*Ww-1)) float32}, which the kernel gathers by relative position itself ({"bias": (H, N, N)}
-        if relative_position_index is not the standard one); low-rank mode: {"bias_factors": (q_bias, k_bias)}
-        from a factor file or the rank rule. Cached in plain attributes and derived again (factor files
-        re-validated) when the weights, their dtype or device change."""
+        """FlashBias: the bias keyword arguments of flash_bias_attention. Exact mode: {"bias": (H, N, N)}, on
+        CUDA float16 with each row centred (softmax ignores a row's constant; centring halves the rounding, and
+        float16 halves the kernel's bias reads), elsewhere float32 as derived; low-rank mode: {"bias_factors":
+        (q_bias, k_bias)} from a factor file or the rank rule. Cached in plain attributes and derived again
+        (factor files re-validated) when the weights, their dtype or device change."""
         key = self._flash_key()
         cache = self._flash_cache
         if cache is not None and cache["key"] == key:
@@ -290,9 +290,10 @@ class WindowAttention(nn.Module):
                     if q_bias is not None:
                         operands = {"bias_factors": (q_bias, k_bias)}
             if operands is None:
-                standard = torch.equal(self.relative_position_index,
-                                       relative_position_index(self.window_size).to(device))
-                operands = {"bias_table": self.derive_bias_table()} if standard else {"bias": self.derive_bias()}
+                bias = self.derive_bias()
+                if device.type == "cuda":
+                    bias = (bias - (bias.amax(-1, keepdim=True) + bias.amin(-1, keepdim=True)) / 2).half()
+                operands = {"bias": bias}
             self._flash_cache = {"key": key, "weights": [t.clone() for t in weights], "operands": operands}
         return operands
 

@@ -128,7 +128,8 @@ def flash_ranks(model, dropin):
     """A short description of the biases the FlashBias layers use after a forward: low-rank ranks or exact."""
     ranks, exact = [], 0
     for _, attn in dropin.window_attention_layers(model):
-        operands = (getattr(attn, "_flash_cache", None) or {}).get("operands") or {}
+        with torch.no_grad():
+            operands = attn.flash_bias_operands()   # cached by the forward that ran
         if "bias_factors" in operands:
             ranks.append(int(operands["bias_factors"][0].shape[-1]))
         else:

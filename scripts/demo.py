@@ -118,13 +118,10 @@ def set_mode(dropin, model, fused: bool, rule: str = "exact", factors_path=False
 
 
 def count_low_rank_layers(dropin, model):
-    """(layers that ran on low-rank factors, layers) after a FlashBias forward, read from the
-    drop-in's bias cache; None if the drop-in keeps no such cache."""
+    """(layers that run on low-rank factors, layers), from each layer's (cached) FlashBias operands."""
     layers = dropin.window_attention_layers(model)
-    operands = [(getattr(attn, "_flash_cache", None) or {}).get("operands") for _, attn in layers]
-    if not all(isinstance(o, dict) for o in operands):
-        return None
-    return sum("bias_factors" in o for o in operands), len(layers)
+    with torch.no_grad():
+        return sum("bias_factors" in attn.flash_bias_operands() for _, attn in layers), len(layers)
 
 
 class Timer:

@@ -56,11 +56,6 @@ def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=Non
     args = dict(qkv=qkv, num_heads=H, logit_scale=logit_scale)
     if bias_mode == "dense":
         args["bias"] = trained_like_bias(H, N, g).to(DEVICE)
-    elif bias_mode == "table":
-        wh, ww = window if window is not None else (math.isqrt(N), N // math.isqrt(N))
-        args["bias_table"] = (16 * torch.sigmoid(torch.randn(H, (2 * wh - 1) * (2 * ww - 1), generator=g))).to(DEVICE)
-        if image is None:
-            args["window_size"] = (wh, ww)
     elif bias_mode == "lowrank":
         args["bias_factors"] = tuple(torch.randn(H, N, rank, generator=g).to(DEVICE) / math.sqrt(rank)
                                      for _ in range(2))
@@ -81,8 +76,6 @@ def reference64(args):
         a["bias"] = a["bias"].double()
     if "bias_factors" in a:
         a["bias_factors"] = tuple(f.double() for f in a["bias_factors"])
-    if "bias_table" in a:
-        a["bias_table"] = a["bias_table"].double()
     return fb.attention_reference(**a)
 
 
@@ -103,7 +96,7 @@ SIZES = [49, 64, 144, 256, 576] if CUDA else [49, 64, 144]
 
 
 @pytest.mark.parametrize("N", SIZES)
-@pytest.mark.parametrize("bias_mode", ["table", "dense", "lowrank", "none"])
+@pytest.mark.parametrize("bias_mode", ["dense", "lowrank", "none"])
 @pytest.mark.parametrize("mask", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_window_layout(N, bias_mode, mask, dtype):
@@ -138,31 +131,11 @@ def test_bias_in_16_bits(bias_dtype):
     ((12, 8), (6, 4), 2, torch.float16, "lowrank"),
     ((7, 7), (7, 7), 0, torch.float16, "dense"),
     ((16, 16), (8, 8), 4, torch.bfloat16, "dense"),
-    ((12, 8), (6, 4), 2, torch.float16, "table"),
-    ((16, 16), (8, 8), 4, torch.bfloat16, "table"),
 ])
 def test_image_layout(image, window, shift, dtype, bias_mode):
     """Cyclic shift, window partition and reverse done by index arithmetic inside the kernel."""
     check(make_case(2, window[0] * window[1], 2, 32, dtype, bias_mode, shift > 0 or bias_mode == "lowrank",
                     image=image, window=window, shift=shift))
-
-
-def test_table_mode_is_the_gathered_dense_bias():
-    """bias_table gathered by SwinV2's own relative_position_index construction equals dense mode."""
-    wh, ww = 3, 5
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    official_index = (rel[..., 0] + wh - 1) * (2 * ww - 1) + rel[..., 1] + ww - 1
-    assert torch.equal(fb.relative_position_index((wh, ww)), official_index)
-    args = make_case(4, wh * ww, 2, 32, torch.float16, "table", True)
-    args["bias_table"] = torch.randn(2, (2 * wh - 1) * (2 * ww - 1), device=DEVICE)
-    args["window_size"] = (wh, ww)
-    out_table = fb.flash_bias_attention(**args, backend="triton")
-    dense = dict(args, bias=args["bias_table"][:, official_index.to(DEVICE)])
-    del dense["bias_table"], dense["window_size"]
-    out_dense = fb.flash_bias_attention(**dense, backend="triton")
-    assert rel_err(out_table, out_dense.double()) < 1e-3
-    check(args)
 
 
 def test_swin_shifted_mask_matches_official_mask():
@@ -226,8 +199,6 @@ def test_custom_op_traces_in_torch_compile():
 
 @pytest.mark.parametrize("change,match", [
     (dict(bias=torch.zeros(2, 49, 48)), "bias must be"),
-    (dict(bias_table=torch.zeros(2, 170), window_size=(7, 7)), "bias_table must be"),
-    (dict(bias_table=torch.zeros(2, 169)), "not several"),
     (dict(window_size=(7, 6)), "has 42 tokens"),
     (dict(bias_factors=(torch.zeros(2, 49, 4), torch.zeros(2, 49, 5))), "differ"),
     (dict(bias_factors=(torch.zeros(2, 49, 200), torch.zeros(2, 49, 200))), "rank"),
@@ -245,7 +216,7 @@ def test_bad_inputs_name_the_problem(change, match):
     args.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else
                      tuple(t.to(DEVICE) for t in v) if isinstance(v, tuple) and isinstance(v[0], torch.Tensor)
                      else v) for k, v in change.items()})
-    if "bias_factors" in change or ("bias_table" in change and "window_size" in change):
+    if "bias_factors" in change:
         args.pop("bias")
     with pytest.raises((ValueError, TypeError), match=match):
         fb.flash_bias_attention(**args, backend="triton")
@@ -257,7 +228,7 @@ def test_bad_dtypes():
         fb.flash_bias_attention(**dict(args, qkv=args["qkv"].to(torch.int32)))
     with pytest.raises(TypeError, match="float64"):
         fb.flash_bias_attention(**dict(args, qkv=args["qkv"].double()), backend="triton")
-    with pytest.raises(ValueError, match="not several"):
+    with pytest.raises(ValueError, match="not both"):
         fb.flash_bias_attention(**args, bias_factors=(args["bias"][..., :4], args["bias"][..., :4]))
 
 

@@ -95,13 +95,13 @@ def test_timm_equivalence_autocast_bf16(name, mode):
 
 def _zero_bias(args, kwargs):
     kwargs = dict(kwargs)
-    kwargs["bias_table"] = torch.zeros_like(kwargs["bias_table"])
+    kwargs["bias"] = torch.zeros_like(kwargs["bias"])
     return args, kwargs
 
 
 def _permute_heads(args, kwargs):
     kwargs = dict(kwargs)
-    kwargs["bias_table"] = kwargs["bias_table"].roll(1, dims=0)
+    kwargs["bias"] = kwargs["bias"].roll(1, dims=0)
     return args, kwargs
 
 
@@ -303,10 +303,10 @@ def test_derive_bias_matches_official_math():
     official = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
     assert bias.dtype == torch.float32 and not bias.requires_grad and bias.shape == (attn.num_heads, N, N)
     assert torch.allclose(bias, official, atol=1e-6)
-    b1 = attn.flash_bias_operands()["bias_table"]
-    b2 = attn.flash_bias_operands()["bias_table"]
+    b1 = attn.flash_bias_operands()["bias"]
+    b2 = attn.flash_bias_operands()["bias"]
     assert b1 is b2  # cached
-    assert torch.equal(b1[:, attn.relative_position_index.view(-1)].view(bias.shape), bias)
+    assert torch.equal(b1, bias)  # on the CPU: float32, as derived
 
 
 def test_weights_loaded_after_first_forward_are_picked_up():
@@ -326,16 +326,16 @@ def test_weights_loaded_after_first_forward_are_picked_up():
 def test_in_place_parameter_change_is_picked_up():
     model = make_model(MINI)
     attn = model.layers[0].blocks[0].attn
-    bias0 = attn.flash_bias_operands()["bias_table"]
+    bias0 = attn.flash_bias_operands()["bias"]
     with torch.no_grad():
         attn.cpb_mlp[2].weight.mul_(2)
-    bias1 = attn.flash_bias_operands()["bias_table"]
+    bias1 = attn.flash_bias_operands()["bias"]
     assert not torch.allclose(bias0, bias1)
-    assert torch.allclose(bias1, attn.derive_bias_table())
+    assert torch.allclose(bias1, attn.derive_bias())
     # rewritten with identical values: kept (no re-derivation)
     with torch.no_grad():
         attn.relative_coords_table.copy_(attn.relative_coords_table.clone())
-    bias2 = attn.flash_bias_operands()["bias_table"]
+    bias2 = attn.flash_bias_operands()["bias"]
     assert bias2 is bias1
 
 
@@ -345,18 +345,18 @@ def test_dtype_changes_are_picked_up():
     with torch.no_grad():
         out32 = model(x)
         attn = model.layers[0].blocks[0].attn
-        bias32 = attn.flash_bias_operands()["bias_table"]
+        bias32 = attn.flash_bias_operands()["bias"]
         model.double()
-        bias64 = attn.flash_bias_operands()["bias_table"]
+        bias64 = attn.flash_bias_operands()["bias"]
         assert bias64 is not bias32 and bias64.dtype == torch.float32
         out64 = model(x.double())
         assert out64.dtype == torch.float64
         assert rel_l2(out64, out32) < 1e-5
         model.half()
-        bias16 = attn.flash_bias_operands()["bias_table"]
+        bias16 = attn.flash_bias_operands()["bias"]
         assert bias16.dtype == torch.float32
         assert (bias16 - bias32).abs().max() < 0.05  # float32 from fp16-rounded weights
-        assert torch.equal(bias16, attn.derive_bias_table())
+        assert torch.equal(bias16, attn.derive_bias())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def test_factor_file_roundtrip_and_validation(tmp_path):
     assert 0 < rel_l2(out, exact) < 2e-2
     assert torch.equal(out.argmax(1), exact.argmax(1))
     layers = swin.window_attention_layers(a)
-    assert list(layers[1][1].flash_bias_operands()) == ["bias_table"]  # absent layer: exact
+    assert list(layers[1][1].flash_bias_operands()) == ["bias"]  # absent layer: exact
     assert list(layers[0][1].flash_bias_operands()) == ["bias_factors"]  # present layer: low-rank
 
     # another model's weights: rejected, naming the layer
