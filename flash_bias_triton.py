@@ -25,7 +25,8 @@ Two token layouts:
   ``window_reverse`` (four copies of the activations per block) disappear.
 
 Entry points: :func:`flash_bias_attention` (kernel on CUDA, PyTorch elsewhere or when gradients are
-needed), :func:`attention_reference` (the readable PyTorch definition), :func:`low_rank_bias_factors`
+needed), :func:`attention_reference` (the readable PyTorch definition), :func:`residual_layer_norm`
+(the block's ``shortcut + LayerNorm(branch)`` in one pass, a second small kernel), :func:`low_rank_bias_factors`
 (SVD with an energy, fixed-rank or logit-error rank rule) and :func:`logit_error`.
 """
 import math
@@ -41,8 +42,8 @@ try:
 except ImportError:  # a CPU-only machine without Triton still gets the PyTorch path
     triton = None
 
-__all__ = ["flash_bias_attention", "attention_reference", "low_rank_bias_factors", "logit_error",
-           "MASK_VALUE", "MAX_LOGIT_SCALE"]
+__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "low_rank_bias_factors",
+           "logit_error", "MASK_VALUE", "MAX_LOGIT_SCALE"]
 
 MASK_VALUE = -100.0                 # the official SwinV2 shift-mask value (not -inf)
 MAX_LOGIT_SCALE = math.log(100.0)   # logit_scale is clamped to ln(1 / 0.01)
@@ -83,12 +84,11 @@ if triton is not None:
                     k_base, v_base, stride_l, bias_base, stride_bias_m, qf_base, kf_base, stride_fac_n,
                     region_base, row0, col0,
                     N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                    RANK, RANK_PAD: tl.constexpr,
                     IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
                     BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, WIDEN_DOTS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         LOG2E: tl.constexpr = 1.4426950408889634
-        RANK_CHUNK: tl.constexpr = 32
         EVEN_N: tl.constexpr = N % BLOCK_N == 0
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         d_valid = offs_d < HEAD_DIM
@@ -103,16 +103,17 @@ if triton is not None:
             k = (k32 * k_inv[:, None]).to(k.dtype)
             qk = tl.dot(q, tl.trans(_operand(k, WIDEN_DOTS)))
             if BIAS_MODE == 2:
-                if RANK_PAD <= RANK_CHUNK:
+                if RANK_PAD <= HEAD_DIM_PAD:
                     offs_r = tl.arange(0, RANK_PAD)
                     kf = tl.load(kf_base + offs_n[:, None] * stride_fac_n + offs_r[None, :],
                                  mask=n_valid[:, None] & (offs_r[None, :] < RANK), other=0.0)
                     qk = tl.dot(q_fac, tl.trans(_operand(kf, WIDEN_DOTS)), qk)
                 else:
-                    # in chunks of RANK_CHUNK: one dot over 64 or more factor columns gave wrong results
-                    # (or an illegal address) on an H100 with triton 3.6 (64x64 blocks, 4 warps)
-                    for r0 in tl.static_range(0, RANK_PAD, RANK_CHUNK):
-                        offs_r = r0 + tl.arange(0, RANK_CHUNK)
+                    # in chunks no wider than the head dim: chaining a factor dot wider than the q.k dot
+                    # into one accumulator gave wrong results (or an illegal address) on an H100 with
+                    # triton 3.6 (d=32 with 64 factor columns, d=16 with 32)
+                    for r0 in tl.static_range(0, RANK_PAD, HEAD_DIM_PAD):
+                        offs_r = r0 + tl.arange(0, HEAD_DIM_PAD)
                         r_valid = offs_r[None, :] < RANK
                         qf = tl.load(qf_base + offs_m[:, None] * stride_fac_n + offs_r[None, :],
                                      mask=m_valid[:, None] & r_valid, other=0.0)
@@ -143,7 +144,7 @@ if triton is not None:
                         stride_bias_h, stride_bias_m, stride_fac_h, stride_fac_n, stride_region_w,
                         num_heads, num_region_windows,
                         N: tl.constexpr, C: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                        RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                        RANK, RANK_PAD: tl.constexpr,
                         IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
                         SHIFT: tl.constexpr, BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
                         WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -182,7 +183,7 @@ if triton is not None:
         q_fac = q
         qf_base = q_fac_ptr + h * stride_fac_h
         kf_base = k_fac_ptr + h * stride_fac_h
-        if BIAS_MODE == 2 and RANK_PAD <= 32:   # one chunk: the query factors stay in registers
+        if BIAS_MODE == 2 and RANK_PAD <= HEAD_DIM_PAD:   # one chunk: query factors stay in registers
             offs_r = tl.arange(0, RANK_PAD)
             q_fac = tl.load(qf_base + offs_m[:, None] * stride_fac_n + offs_r[None, :],
                             mask=m_valid[:, None] & (offs_r[None, :] < RANK), other=0.0)
@@ -220,7 +221,7 @@ if triton is not None:
     ]
     _flash_bias_fwd_tuned = triton.autotune(
         configs=_AUTOTUNE_CONFIGS,
-        key=["N", "C", "HEAD_DIM", "RANK", "IMG_H", "IMG_W", "SHIFT", "BIAS_MODE", "HAS_MASK", "WIDEN_DOTS"],
+        key=["N", "C", "HEAD_DIM", "RANK_PAD", "IMG_H", "IMG_W", "SHIFT", "BIAS_MODE", "HAS_MASK", "WIDEN_DOTS"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_flash_bias_fwd)
 
@@ -467,11 +468,12 @@ def _launch(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.T
 
 # One op per copy of this module: the drop-in's models/flash_bias_triton.py and a top-level
 # flash_bias_triton can both be imported in one process, and an op name can be registered only once.
-_OP_NAME = "flash_bias::window_attention" + ("" if __name__ == "flash_bias_triton" else
-                                             "_" + "".join(c if c.isalnum() else "_" for c in __name__))
+def _op_name(name: str) -> str:
+    suffix = "" if __name__ == "flash_bias_triton" else "_" + "".join(c if c.isalnum() else "_" for c in __name__)
+    return f"flash_bias::{name}{suffix}"
 
 
-@torch.library.custom_op(_OP_NAME, mutates_args=())
+@torch.library.custom_op(_op_name("window_attention"), mutates_args=())
 def _window_attention_op(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
                          q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor],
                          region_ids: Optional[torch.Tensor], num_heads: int, image_size: List[int],
@@ -556,6 +558,108 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.T
 
 
 # ----------------------------------------------------------------------------------------------
+# The block's residual + post-norm, fused (SwinV2: x = shortcut + LayerNorm(branch))
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _residual_layer_norm_fwd(res_ptr, x_ptr, w_ptr, b_ptr, out_ptr, low_ptr, rows, eps,
+                                 C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+                                 HAS_LOW: tl.constexpr):
+        """ROWS rows of out = res + LayerNorm(x) * w + b, statistics in float32; also out in the next
+        matmul's dtype (HAS_LOW), which saves autocast a separate cast. All tensors (rows, C) contiguous."""
+        offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_c = tl.arange(0, BLOCK_C)
+        r_valid = offs_r < rows
+        c_valid = offs_c < C
+        mask = r_valid[:, None] & c_valid[None, :]
+        offs = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 1) / C
+        centred = tl.where(c_valid[None, :], x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+        w = tl.load(w_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
+        out = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) + centred * rstd[:, None] * w + b
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_LOW:
+            tl.store(low_ptr + offs, out.to(low_ptr.dtype.element_ty), mask=mask)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for this device type, or None."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except TypeError:   # PyTorch < 2.4
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
+
+
+@torch.library.custom_op(_op_name("residual_layer_norm"), mutates_args=())
+def _residual_layer_norm_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            eps: float, out_dtype: torch.dtype, low_dtype: Optional[torch.dtype]
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    C = x.shape[-1]
+    rows = x.numel() // C
+    residual, x = residual.contiguous(), x.contiguous()
+    out = torch.empty(residual.shape, device=x.device, dtype=out_dtype)
+    low = torch.empty(residual.shape if low_dtype is not None else (0,), device=x.device,
+                      dtype=low_dtype or out_dtype)
+    if POISON_OUTPUT:
+        out.fill_(float("nan"))
+        low.fill_(float("nan"))
+    block_c = _next_pow2(C)
+    rows_per_program = max(1, min(64, 4096 // block_c))
+    grid = (triton.cdiv(rows, rows_per_program),)
+    _residual_layer_norm_fwd[grid](residual, x, weight, bias, out, low if low_dtype is not None else out, rows, eps,
+                                   C=C, BLOCK_C=block_c, ROWS=rows_per_program, HAS_LOW=low_dtype is not None,
+                                   num_warps=4 if block_c <= 512 else 8)
+    return out, low
+
+
+@_residual_layer_norm_op.register_fake
+def _(residual, x, weight, bias, eps, out_dtype, low_dtype):
+    return (residual.new_empty(residual.shape, dtype=out_dtype),
+            residual.new_empty(residual.shape if low_dtype is not None else (0,), dtype=low_dtype or out_dtype))
+
+
+def residual_layer_norm(residual: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm,
+                        backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``residual + norm(x)``, SwinV2's res-post-norm step, in one pass; under autocast also the result in
+    the autocast dtype (what the next matmul reads; None without autocast).
+
+    Args:
+        residual, x: (..., C), same shape; norm: a LayerNorm over C with weight and bias.
+        backend: as in :func:`flash_bias_attention` ("auto": the kernel on CUDA without gradients).
+    Returns:
+        (out, out_low): out in the dtype PyTorch's own expression gives (float32 under autocast, as
+        layer_norm runs in float32 there); out_low = out in the autocast dtype, or None.
+    """
+    if x.shape != residual.shape or tuple(norm.normalized_shape) != (x.shape[-1],):
+        raise ValueError(f"residual {tuple(residual.shape)}, x {tuple(x.shape)} and the norm's shape "
+                         f"{tuple(norm.normalized_shape)} do not fit")
+    low_dtype = _autocast_dtype(x.device.type)
+    backend = backend or os.environ.get("FLASHBIAS_BACKEND", "auto")
+    tensors = (residual, x, norm.weight, norm.bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if backend == "auto":
+        backend = "triton" if (triton is not None and x.device.type == "cuda" and not needs_grad
+                               and norm.weight is not None and norm.bias is not None) else "torch"
+    if backend == "torch":
+        out = residual + F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return out, (out.to(low_dtype) if low_dtype is not None else None)
+    if not kernel_available(x.device) or needs_grad or norm.weight is None or norm.bias is None:
+        raise RuntimeError("the fused residual LayerNorm needs CUDA (or TRITON_INTERPRET=1), no gradients "
+                           "and an affine LayerNorm; use backend='torch'")
+    ln_dtype = torch.float32 if low_dtype is not None else x.dtype   # autocast runs layer_norm in float32
+    out_dtype = torch.promote_types(residual.dtype, torch.promote_types(ln_dtype, norm.weight.dtype))
+    out, low = _residual_layer_norm_op(residual, x, norm.weight, norm.bias, float(norm.eps), out_dtype, low_dtype)
+    return out, (low if low_dtype is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
 # Low-rank factors (the FlashBias decomposition) and how wrong they are
 # ----------------------------------------------------------------------------------------------
 def logit_error(bias: torch.Tensor, approx: torch.Tensor) -> Tuple[float, float]:
@@ -605,9 +709,9 @@ def low_rank_bias_factors(bias: torch.Tensor, rank: Optional[int] = None, energy
         return logit_error(b, approx)
 
     if rank is not None:
-        if not 1 <= rank <= max_rank:
-            raise ValueError(f"rank must be 1..{max_rank}; got {rank}")
-        chosen = int(rank)
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1; got {rank}")
+        chosen = min(int(rank), max_rank)   # a rank of N or more is the whole SVD
     elif energy is not None:
         if not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1]; got {energy}")

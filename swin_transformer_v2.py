@@ -25,9 +25,9 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
 import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as a top-level module
-    from .flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors
+    from .flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, residual_layer_norm
 except ImportError:
-    from flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors
+    from flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, residual_layer_norm
 
 
 class Mlp(nn.Module):
@@ -399,6 +399,10 @@ class SwinTransformerBlock(nn.Module):
             # FlashBias: the kernel does the cyclic shift, window partition / reverse and the mask itself
             x = self.attn(x, image_size=self.input_resolution, shift_size=self.shift_size,
                           region_ids=self.region_ids)
+            # FlashBias: each residual + res-post-norm in one pass (drop path is the identity at inference);
+            # under autocast it also writes the half-precision copy the MLP's first matmul reads
+            x, x_low = residual_layer_norm(shortcut, x, self.norm1)
+            return residual_layer_norm(x, self.mlp(x if x_low is None else x_low), self.norm2)[0]
         else:
             x = x.view(B, H, W, C)
 

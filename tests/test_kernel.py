@@ -114,6 +114,13 @@ def test_ranks(rank):
     check(make_case(4, 64, 2, 32, torch.float16, "lowrank", True, rank=rank))
 
 
+@pytest.mark.parametrize("head_dim,rank", [(16, 20), (16, 51), (24, 40), (64, 100), (128, 33)])
+def test_ranks_wider_than_the_head(head_dim, rank):
+    """Factor columns beyond the head dim go in chunks (a wider chained dot miscompiled on an H100)."""
+    check(make_case(2, 64, 2, head_dim, torch.float16, "lowrank", True, rank=rank, image=(16, 16),
+                    window=(8, 8), shift=4))
+
+
 def test_float32_input_returns_float32():
     check(make_case(4, 49, 2, 32, torch.float32, "dense", True))
 
@@ -260,3 +267,32 @@ def test_every_autotune_config_on_gpu(monkeypatch, cfg_index):
     monkeypatch.setattr(fb, "_default_config", lambda N, head_dim: cfg)
     check(make_case(4, 144, 2, 32, torch.float16, "dense", True))
     check(make_case(4, 49, 2, 32, torch.bfloat16, "lowrank", True, rank=17))
+
+
+@pytest.mark.parametrize("C", [96, 128, 200])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float16, True), (torch.bfloat16, True), (torch.float32, False),
+                                            (torch.float16, False)])
+def test_residual_layer_norm(C, dtype, autocast):
+    """shortcut + LayerNorm(x) in one pass, against PyTorch's own expression in float64."""
+    g = fresh_generator()
+    rows = 37
+    residual_dtype = torch.float32 if autocast else dtype
+    residual = (3 * torch.randn(2, rows, C, generator=g)).to(DEVICE, residual_dtype)
+    x = (2 * torch.randn(2, rows, C, generator=g) + 0.5).to(DEVICE, dtype)
+    norm = torch.nn.LayerNorm(C).to(DEVICE, residual_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + 0.1 * torch.randn(C, generator=g))
+        norm.bias.copy_(0.02 * torch.randn(C, generator=g))
+    device_type = "cuda" if CUDA else "cpu"
+    with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
+        out, low = fb.residual_layer_norm(residual, x, norm, backend="triton")
+        ref, ref_low = fb.residual_layer_norm(residual, x, norm, backend="torch")
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert (low is None) == (ref_low is None) and (low is None or low.dtype == ref_low.dtype == dtype)
+    exact = residual.double() + torch.nn.functional.layer_norm(x.double(), (C,), norm.weight.double(),
+                                                                norm.bias.double(), norm.eps)
+    assert rel_err(out, exact) < (1e-6 if out.dtype == torch.float32 else 2e-3)
+    if low is not None:
+        assert rel_err(low, exact) < 1e-2
+    with pytest.raises(ValueError, match="do not fit"):
+        fb.residual_layer_norm(residual[:, :5], x, norm)
