@@ -26,8 +26,8 @@ Two token layouts:
 
 Entry points: :func:`flash_bias_attention` (kernel on CUDA, PyTorch elsewhere or when gradients are
 needed), :func:`attention_reference` (the readable PyTorch definition), :func:`residual_layer_norm`
-(the block's ``shortcut + LayerNorm(branch)`` in one pass, a second small kernel), :func:`low_rank_bias_factors`
-(SVD with an energy, fixed-rank or logit-error rank rule) and :func:`logit_error`.
+(the block's ``shortcut + LayerNorm(branch)`` in one pass, a second small kernel). The low-rank factors
+themselves (rank rules, SVD, factor files) live in ``flash_bias_factors.py``.
 """
 import math
 import os
@@ -42,12 +42,12 @@ try:
 except ImportError:  # a CPU-only machine without Triton still gets the PyTorch path
     triton = None
 
-__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "low_rank_bias_factors",
-           "logit_error", "MASK_VALUE", "MAX_LOGIT_SCALE"]
+__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "MASK_VALUE",
+           "MAX_LOGIT_SCALE", "MAX_RANK"]
 
 MASK_VALUE = -100.0                 # the official SwinV2 shift-mask value (not -inf)
 MAX_LOGIT_SCALE = math.log(100.0)   # logit_scale is clamped to ln(1 / 0.01)
-MAX_RANK = 128
+MAX_RANK = 128                      # low-rank factors are extra dot columns: at most this many
 
 
 def _interpreting() -> bool:
@@ -672,95 +672,3 @@ def residual_layer_norm(residual: torch.Tensor, x: torch.Tensor, norm: torch.nn.
     out, low = _through_op(_residual_layer_norm_op, _residual_layer_norm_launch)(
         residual, x, norm.weight, norm.bias, float(norm.eps), out_dtype, low_dtype)
     return out, (low if low_dtype is not None else None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Low-rank factors (the FlashBias decomposition) and how wrong they are
-# ----------------------------------------------------------------------------------------------
-def logit_error(bias: torch.Tensor, approx: torch.Tensor) -> Tuple[float, float]:
-    """(max, mean) error of ``approx`` as attention logits, per head over (.., N, N).
-
-    Softmax ignores a constant added to a row, so the error of a row is measured after the best
-    constant shift: max = max over rows of (max_j e - min_j e) / 2, mean = mean |e - row mean(e)|."""
-    e = bias.double() - approx.double()
-    max_err = ((e.amax(-1) - e.amin(-1)) / 2).max().item()
-    mean_err = (e - e.mean(-1, keepdim=True)).abs().mean().item()
-    return max_err, mean_err
-
-
-def low_rank_bias_factors(bias: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None,
-                          max_logit_error: Optional[float] = None, center_rows: bool = True,
-                          max_rank: int = MAX_RANK):
-    """SVD factors of a per-head bias: q_bias @ k_bias^T ~ bias (up to a constant per row).
-
-    Exactly one rule chooses the rank R (shared by all heads, so the kernel sees one R):
-      * ``rank``: that rank;
-      * ``energy``: the seed's rule, the smallest R keeping this fraction of sum(sigma^2) in every head;
-      * ``max_logit_error``: the smallest R whose :func:`logit_error` max is at most this in every head.
-
-    ``center_rows`` removes each row's mean before the SVD: softmax ignores it, and the rest is
-    usually of lower rank.
-
-    Args:
-        bias: (H, N, N).
-    Returns:
-        (q_bias, k_bias, info): factors (H, N, R) float32, or (None, None, info) when no rank up to
-        ``max_rank`` meets ``max_logit_error`` (use the dense bias). info holds rank, energy kept,
-        max and mean logit error.
-    """
-    if sum(x is not None for x in (rank, energy, max_logit_error)) != 1:
-        raise ValueError("give exactly one of rank, energy, max_logit_error")
-    if bias.dim() != 3 or bias.shape[1] != bias.shape[2]:
-        raise ValueError(f"bias must be (H, N, N); got {tuple(bias.shape)}")
-    H, N, _ = bias.shape
-    max_rank = min(max_rank, N, MAX_RANK)
-    b = bias.detach().double().cpu()
-    target = b - b.mean(-1, keepdim=True) if center_rows else b
-    U, S, Vh = torch.linalg.svd(target)
-    energy_cum = (S ** 2).cumsum(-1) / (S ** 2).sum(-1, keepdim=True).clamp_min(1e-300)
-
-    def errors(r):
-        approx = (U[:, :, :r] * S[:, None, :r]) @ Vh[:, :r, :]
-        return logit_error(b, approx)
-
-    if rank is not None:
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1; got {rank}")
-        chosen = min(int(rank), max_rank)   # a rank of N or more is the whole SVD
-    elif energy is not None:
-        if not 0 < energy <= 1:
-            raise ValueError(f"energy must be in (0, 1]; got {energy}")
-        chosen = int((energy_cum < energy - 1e-12).sum(-1).max().item()) + 1
-        chosen = min(chosen, max_rank)
-    else:
-        # the error falls with the rank, not always monotonically: scan, doubling then bisecting
-        chosen = None
-        lo, r = 0, 1
-        while r <= max_rank:
-            if errors(r)[0] <= max_logit_error:
-                break
-            lo, r = r, r * 2
-        if r > max_rank:
-            r = max_rank
-            if errors(r)[0] > max_logit_error:
-                r = None
-        if r is not None:
-            hi = r
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if errors(mid)[0] <= max_logit_error:
-                    hi = mid
-                else:
-                    lo = mid
-            chosen = hi
-        if chosen is None:
-            max_e, mean_e = errors(max_rank)
-            return None, None, {"rank": None, "energy": float(energy_cum[:, max_rank - 1].min()),
-                                "max_logit_error": max_e, "mean_logit_error": mean_e}
-    max_e, mean_e = errors(chosen)
-    root = S[:, :chosen].sqrt()
-    q_bias = (U[:, :, :chosen] * root[:, None, :]).float()
-    k_bias = (Vh[:, :chosen, :].transpose(1, 2) * root[:, None, :]).float()
-    info = {"rank": chosen, "energy": float(energy_cum[:, chosen - 1].min()),
-            "max_logit_error": max_e, "mean_logit_error": mean_e}
-    return q_bias.to(bias.device), k_bias.to(bias.device), info
