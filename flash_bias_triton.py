@@ -1,11 +1,20 @@
-"""FlashBias for Swin Transformer V2: fused window attention with a relative-position bias.
+"""FlashBias for Swin Transformer (V2 and V1): fused window attention with a relative-position bias.
 
-For every window g and head h of SwinV2's window attention this computes
+For every window g and head h of Swin's window attention this computes
 
-    out = softmax(s_h * norm(q) @ norm(k)^T + B_h + M_g) @ v,    s_h = exp(min(logit_scale_h, ln 100))
+    out = softmax(S_h + B_h + M_g) @ v
 
-in one Triton kernel that reads q, k and v straight from the qkv projection output and writes the
-output in the layout the output projection reads. The bias B_h is given in one of three forms:
+with the scores S_h in one of two forms, picked by ``logit_scale``:
+
+* SwinV2 cosine attention (``logit_scale`` given, one value per head):
+      S_h = s_h * norm(q) @ norm(k)^T,    s_h = exp(min(logit_scale_h, ln 100));
+* Swin V1 scaled dot product (``logit_scale=None``):
+      S_h = (q * scale) @ k^T,            scale a float, default head_dim ** -0.5 (V1's qk_scale);
+  the kernel rounds q * scale to q's dtype, as the official V1 code's ``q = q * self.scale`` does.
+
+The form is a compile-time branch of one kernel: neither form does the other's work. The kernel
+reads q, k and v straight from the qkv projection output and writes the output in the layout the
+output projection reads. The bias B_h is given in one of three forms:
 
 * exact:     ``bias`` (H, N, N), the dense per-head bias, shared by every window and never expanded;
 * low-rank:  ``bias_factors = (q_bias, k_bias)``, each (H, N, R), q_bias @ k_bias^T ~ B_h, folded into
@@ -24,10 +33,34 @@ Two token layouts:
   writes each output token back where it came from, so ``torch.roll``, ``window_partition`` and
   ``window_reverse`` (four copies of the activations per block) disappear.
 
+The dense bias itself is cheap to derive in every forward: :func:`bias_from_table` gathers a
+relative-position table (T, H) through an index (N, N) into B (H, N, N) in one kernel,
+
+    B[h, i, j] = s * sigmoid(table[index[i, j], h])    (SwinV2: s = 16, table = cpb_mlp's output)
+    B[h, i, j] = table[index[i, j], h]                  (Swin V1: the raw relative_position_bias_table)
+
+optionally minus each row's midpoint (max_j + min_j) / 2, which softmax ignores and which halves
+the rounding of a float16 bias. :func:`shifted_window_region_ids` builds the ``region_ids`` of
+Swin's shifted windows (the official 9 regions, in ``window_partition`` order; V1 and V2 alike).
+
+Constants: ``MASK_VALUE`` (-100), ``MAX_LOGIT_SCALE`` (ln 100), ``NORM_EPS`` (F.normalize's eps) are
+the kernel's values too (it takes them as compile-time arguments); ``MAX_RANK`` (128) caps the factors'
+rank and ``MAX_HEAD_DIM`` (128) the head dim the kernel takes.
+
+Two small kernels fuse the residual adds around the attention with their LayerNorm:
+:func:`residual_layer_norm`, SwinV2's res-post-norm ``shortcut + LayerNorm(branch)``, and
+:func:`add_layer_norm`, Swin V1's pre-norm step ``s = x + branch`` with ``LayerNorm(s)`` for the next
+sub-block (V1 blocks are ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``). Each reads its inputs
+once and, under autocast, writes the normalised result in the autocast dtype (what the next matmul
+reads), saving the separate add, norm and cast passes of the PyTorch expression.
+
 Entry points: :func:`flash_bias_attention` (kernel on CUDA, PyTorch elsewhere or when gradients are
-needed), :func:`attention_reference` (the readable PyTorch definition), :func:`residual_layer_norm`
-(the block's ``shortcut + LayerNorm(branch)`` in one pass, a second small kernel). The low-rank factors
-themselves (rank rules, SVD, factor files) live in ``flash_bias_factors.py``.
+needed), :func:`attention_reference` (the readable PyTorch definition), :func:`residual_layer_norm`,
+:func:`add_layer_norm`, :func:`bias_from_table`, :func:`shifted_window_region_ids`. Every entry point
+with a ``backend`` argument picks between kernel and PyTorch the same way: "auto" (default; env
+FLASHBIAS_BACKEND) runs the kernel on CUDA when no gradient is needed (backward or forward mode) and
+the inputs suit it, "triton" the kernel or an error, "torch" PyTorch. The low-rank factors themselves (rank rules, SVD,
+factor files) live in ``flash_bias_factors.py``.
 """
 import math
 import os
@@ -35,6 +68,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad as _forward_ad
 
 try:
     import triton
@@ -42,12 +76,16 @@ try:
 except ImportError:  # a CPU-only machine without Triton still gets the PyTorch path
     triton = None
 
-__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "MASK_VALUE",
-           "MAX_LOGIT_SCALE", "MAX_RANK"]
+__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "add_layer_norm",
+           "bias_from_table", "shifted_window_region_ids", "region_mask", "kernel_available", "MASK_VALUE",
+           "MAX_LOGIT_SCALE", "NORM_EPS", "MAX_RANK", "MAX_HEAD_DIM", "BACKENDS"]
 
 MASK_VALUE = -100.0                 # the official SwinV2 shift-mask value (not -inf)
 MAX_LOGIT_SCALE = math.log(100.0)   # logit_scale is clamped to ln(1 / 0.01)
+NORM_EPS = 1e-12                    # F.normalize's default eps, the official cosine attention's
 MAX_RANK = 128                      # low-rank factors are extra dot columns: at most this many
+MAX_HEAD_DIM = 128                  # the kernel keeps a (BLOCK_M, head_dim) accumulator in registers
+BACKENDS = ("auto", "triton", "torch")
 
 
 def _interpreting() -> bool:
@@ -86,7 +124,8 @@ if triton is not None:
                     N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     RANK, RANK_PAD: tl.constexpr,
                     IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
-                    BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, WIDEN_DOTS: tl.constexpr,
+                    BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                    WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, NORM_EPS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         LOG2E: tl.constexpr = 1.4426950408889634
         EVEN_N: tl.constexpr = N % BLOCK_N == 0
@@ -98,9 +137,10 @@ if triton is not None:
             tok_n = _token_index(offs_n, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64) * stride_l
             kv_mask = n_valid[:, None] & d_valid[None, :]
             k = tl.load(k_base + tok_n[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            k32 = k.to(tl.float32)
-            k_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 1)), 1e-12)   # F.normalize's eps
-            k = (k32 * k_inv[:, None]).to(k.dtype)
+            if COSINE:
+                k32 = k.to(tl.float32)
+                k_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 1)), NORM_EPS)
+                k = (k32 * k_inv[:, None]).to(k.dtype)
             qk = tl.dot(q, tl.trans(_operand(k, WIDEN_DOTS)))
             if BIAS_MODE == 2:
                 if RANK_PAD <= HEAD_DIM_PAD:
@@ -125,8 +165,8 @@ if triton is not None:
                 qk += tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :],
                               mask=b_mask, other=0.0).to(tl.float32)
             if HAS_MASK:
-                region_k = tl.load(region_base + offs_n, mask=n_valid, other=-1)
-                qk += tl.where(region_q[:, None] == region_k[None, :], 0.0, -100.0)
+                region_k = tl.load(region_base + offs_n, mask=n_valid, other=0)
+                qk += tl.where(region_q[:, None] == region_k[None, :], 0.0, MASK_VALUE)
             if not EVEN_N:
                 qk = tl.where(n_valid[None, :], qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * LOG2E)
@@ -140,14 +180,16 @@ if triton is not None:
 
     @triton.jit
     def _flash_bias_fwd(qkv_ptr, out_ptr, logit_scale_ptr, bias_ptr, q_fac_ptr, k_fac_ptr, region_ptr,
-                        stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l,
+                        stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l, stride_scale_h,
                         stride_bias_h, stride_bias_m, stride_fac_h, stride_fac_n, stride_region_w,
-                        num_heads, num_region_windows,
+                        num_heads, num_region_windows, qk_scale,
                         N: tl.constexpr, C: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                         RANK, RANK_PAD: tl.constexpr,
                         IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
                         SHIFT: tl.constexpr, BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-                        WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        COSINE: tl.constexpr,
+                        WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, MAX_LOGIT_SCALE: tl.constexpr,
+                        NORM_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one window and one head.
 
         A flat grid with the query block fastest, then the head, then the window: programs that run
@@ -174,11 +216,17 @@ if triton is not None:
         qkv_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
         q = tl.load(qkv_base + tok_m[:, None] * stride_qkv_l + offs_d[None, :],
                     mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        # cosine attention: normalise q and fold the clamped per-head logit scale into it
-        scale = tl.exp(tl.minimum(tl.load(logit_scale_ptr + h).to(tl.float32), 4.605170185988092))
         q32 = q.to(tl.float32)
-        q_mul = scale / tl.maximum(tl.sqrt(tl.sum(q32 * q32, 1)), 1e-12)
-        q = _operand((q32 * q_mul[:, None]).to(q.dtype), WIDEN_DOTS)
+        if COSINE:
+            # cosine attention: normalise q and fold the clamped per-head logit scale into it; a where, not
+            # tl.minimum, clamps: tl.minimum drops a NaN, torch.clamp (the reference) keeps it
+            log_scale = tl.load(logit_scale_ptr + h * stride_scale_h).to(tl.float32)
+            scale = tl.exp(tl.where(log_scale > MAX_LOGIT_SCALE, MAX_LOGIT_SCALE, log_scale))
+            q_mul = scale / tl.maximum(tl.sqrt(tl.sum(q32 * q32, 1)), NORM_EPS)
+            q = _operand((q32 * q_mul[:, None]).to(q.dtype), WIDEN_DOTS)
+        else:
+            # scaled dot product: the scale folded into q, rounded to q's dtype as the official V1's q * scale
+            q = _operand((q32 * qk_scale).to(q.dtype), WIDEN_DOTS)
 
         q_fac = q
         qf_base = q_fac_ptr + h * stride_fac_h
@@ -192,7 +240,7 @@ if triton is not None:
         region_base = region_ptr
         if HAS_MASK:
             region_base = region_ptr + (g % num_region_windows) * stride_region_w
-            region_q = tl.load(region_base + offs_m, mask=m_valid, other=-1)
+            region_q = tl.load(region_base + offs_m, mask=m_valid, other=0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -202,7 +250,7 @@ if triton is not None:
                                bias_ptr + h * stride_bias_h, stride_bias_m, qf_base, kf_base, stride_fac_n,
                                region_base, row0, col0,
                                N, HEAD_DIM, HEAD_DIM_PAD, RANK, RANK_PAD, IMG_H, IMG_W, WIN_W, SHIFT,
-                               BIAS_MODE, HAS_MASK, WIDEN_DOTS, BLOCK_M, BLOCK_N)
+                               BIAS_MODE, HAS_MASK, COSINE, WIDEN_DOTS, MASK_VALUE, NORM_EPS, BLOCK_M, BLOCK_N)
         acc = acc / l_i[:, None]
         out_ptrs = (out_ptr + b.to(tl.int64) * stride_out_b + tok_m[:, None] * stride_out_l
                     + h * HEAD_DIM + offs_d[None, :])
@@ -221,7 +269,8 @@ if triton is not None:
     ]
     _flash_bias_fwd_tuned = triton.autotune(
         configs=_AUTOTUNE_CONFIGS,
-        key=["N", "C", "HEAD_DIM", "RANK_PAD", "IMG_H", "IMG_W", "SHIFT", "BIAS_MODE", "HAS_MASK", "WIDEN_DOTS"],
+        key=["N", "C", "HEAD_DIM", "RANK_PAD", "IMG_H", "IMG_W", "SHIFT", "BIAS_MODE", "HAS_MASK", "COSINE",
+             "WIDEN_DOTS"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_flash_bias_fwd)
 
@@ -290,11 +339,12 @@ def _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N
     if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"qkv must be float16, bfloat16, float32 or float64; got {qkv.dtype}")
     dev = qkv.device
-    if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != num_heads:
-        raise ValueError(f"logit_scale must hold num_heads={num_heads} values (shape (H,) or (H, 1, 1)); got "
-                         f"{tuple(logit_scale.shape) if isinstance(logit_scale, torch.Tensor) else logit_scale!r}")
-    if logit_scale.device != dev:
-        raise ValueError(f"logit_scale is on {logit_scale.device} but qkv on {dev}")
+    if logit_scale is not None:
+        if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != num_heads:
+            raise ValueError(f"logit_scale must hold num_heads={num_heads} values (shape (H,) or (H, 1, 1)); got "
+                             f"{tuple(logit_scale.shape) if isinstance(logit_scale, torch.Tensor) else logit_scale!r}")
+        if logit_scale.device != dev:
+            raise ValueError(f"logit_scale is on {logit_scale.device} but qkv on {dev}")
     if bias is not None and bias_factors is not None:
         raise ValueError("give either bias (exact) or bias_factors (low-rank), not both")
     if bias is not None:
@@ -338,6 +388,23 @@ def _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N
         raise ValueError("a shifted window (shift_size > 0) needs region_ids for its mask")
 
 
+def _qk_scale(logit_scale: Optional[torch.Tensor], scale: Optional[float], head_dim: int) -> Optional[float]:
+    """The scaled dot product's scale: None for cosine attention (logit_scale given), else ``scale`` or
+    head_dim ** -0.5."""
+    if logit_scale is not None:
+        if scale is not None:
+            raise ValueError("give logit_scale (SwinV2 cosine attention) or scale (scaled dot-product attention), "
+                             "not both")
+        return None
+    if scale is None:
+        return head_dim ** -0.5
+    # a Python number only: a tensor's value would have to be read back from the GPU (a host sync per call)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite Python float (the official qk_scale or head_dim ** -0.5); got "
+                         f"{scale!r}")
+    return float(scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # The PyTorch definition
 # ----------------------------------------------------------------------------------------------
@@ -368,18 +435,19 @@ def region_mask(region_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(different.shape, dtype=dtype, device=region_ids.device).masked_fill(different, MASK_VALUE)
 
 
-def attention_reference(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor,
+def attention_reference(qkv: torch.Tensor, num_heads: int, logit_scale: Optional[torch.Tensor] = None,
                         bias: Optional[torch.Tensor] = None,
                         bias_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                         region_ids: Optional[torch.Tensor] = None,
                         image_size: Optional[Sequence[int]] = None,
                         window_size: Optional[Sequence[int]] = None,
-                        shift_size: int = 0) -> torch.Tensor:
+                        shift_size: int = 0, scale: Optional[float] = None) -> torch.Tensor:
     """The same function as :func:`flash_bias_attention`, written out in PyTorch (differentiable).
 
     Computes in float32 (float64 for float64 input) and returns qkv's dtype."""
     N, C, head_dim, img, win, shift, windows = _layout(qkv, num_heads, image_size, window_size, shift_size)
     _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N, windows, shift)
+    qk_scale = _qk_scale(logit_scale, scale, head_dim)
     compute = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     x = qkv.to(compute)
     if image_size is not None:
@@ -388,8 +456,11 @@ def attention_reference(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Te
         x = x.reshape(-1, N, 3 * C)
     Bw = x.shape[0]
     q, k, v = x.view(Bw, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)   # (Bw, H, N, d)
-    scale = torch.clamp(logit_scale.to(compute).view(num_heads, 1, 1), max=MAX_LOGIT_SCALE).exp()
-    attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * scale
+    if qk_scale is None:
+        s = torch.clamp(logit_scale.to(compute).view(num_heads, 1, 1), max=MAX_LOGIT_SCALE).exp()
+        attn = (F.normalize(q, dim=-1, eps=NORM_EPS) @ F.normalize(k, dim=-1, eps=NORM_EPS).transpose(-2, -1)) * s
+    else:
+        attn = (q * qk_scale) @ k.transpose(-2, -1)
     if bias is not None:
         attn = attn + bias.to(compute)
     elif bias_factors is not None:
@@ -407,9 +478,10 @@ def attention_reference(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Te
 # ----------------------------------------------------------------------------------------------
 # The kernel's entry point, as a custom op so that torch.compile keeps it
 # ----------------------------------------------------------------------------------------------
-def _launch(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
+def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor], region_ids: Optional[torch.Tensor],
-            num_heads: int, image_size: List[int], window_size: List[int], shift_size: int) -> torch.Tensor:
+            num_heads: int, image_size: List[int], window_size: List[int], shift_size: int,
+            qk_scale: Optional[float]) -> torch.Tensor:
     B, L, three_c = qkv.shape
     C = three_c // 3
     head_dim = C // num_heads
@@ -422,7 +494,8 @@ def _launch(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.T
     out = torch.empty((B, L, C), device=qkv.device, dtype=qkv.dtype)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
-    logit_scale = logit_scale.reshape(num_heads)
+    if logit_scale is not None:
+        logit_scale = logit_scale.reshape(num_heads)
     bias_mode = 1 if bias is not None else 2 if q_bias is not None else 0
     rank = q_bias.shape[2] if q_bias is not None else 0
     if bias is not None and bias.stride(-1) != 1:
@@ -431,24 +504,28 @@ def _launch(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.T
         # the factors are dot operands: same dtype as q and k, unit stride along the rank
         q_bias = q_bias.to(qkv.dtype).contiguous()
         k_bias = k_bias.to(qkv.dtype).contiguous()
-    if region_ids is not None:
-        region_ids = region_ids.to(torch.int32).contiguous()
+    if region_ids is not None and region_ids.stride(-1) != 1:
+        # any integer dtype as it is: a cast to int32 would merge ids that differ beyond 32 bits
+        region_ids = region_ids.contiguous()
     dummy = out  # never read: its branch is compiled out
-    args = (qkv, out, logit_scale,
+    args = (qkv, out, logit_scale if logit_scale is not None else dummy,
             bias if bias is not None else dummy,
             q_bias if q_bias is not None else dummy,
             k_bias if k_bias is not None else dummy,
             region_ids if region_ids is not None else dummy,
             qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+            logit_scale.stride(0) if logit_scale is not None else 0,
             bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
             q_bias.stride(0) if q_bias is not None else 0, q_bias.stride(1) if q_bias is not None else 0,
             region_ids.stride(0) if region_ids is not None else 0,
-            num_heads, region_ids.shape[0] if region_ids is not None else 1)
+            num_heads, region_ids.shape[0] if region_ids is not None else 1,
+            qk_scale if qk_scale is not None else 1.0)
     meta = dict(N=N, C=C, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, _next_pow2(head_dim)),
                 RANK=rank, RANK_PAD=max(16, _next_pow2(rank)) if rank else 16,
                 IMG_H=img_h, IMG_W=img_w, WIN_H=win_h, WIN_W=win_w, SHIFT=shift_size,
-                BIAS_MODE=bias_mode, HAS_MASK=region_ids is not None,
-                WIDEN_DOTS=_interpreting() and qkv.dtype == torch.bfloat16)
+                BIAS_MODE=bias_mode, HAS_MASK=region_ids is not None, COSINE=logit_scale is not None,
+                WIDEN_DOTS=_interpreting() and qkv.dtype == torch.bfloat16,
+                MASK_VALUE=MASK_VALUE, MAX_LOGIT_SCALE=MAX_LOGIT_SCALE, NORM_EPS=NORM_EPS)
     programs = B * windows * num_heads
 
     if _interpreting():
@@ -474,16 +551,17 @@ def _op_name(name: str) -> str:
 
 
 @torch.library.custom_op(_op_name("window_attention"), mutates_args=())
-def _window_attention_op(qkv: torch.Tensor, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
+def _window_attention_op(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor],
                          region_ids: Optional[torch.Tensor], num_heads: int, image_size: List[int],
-                         window_size: List[int], shift_size: int) -> torch.Tensor:
+                         window_size: List[int], shift_size: int, qk_scale: Optional[float]) -> torch.Tensor:
     return _launch(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size,
-                   shift_size)
+                   shift_size, qk_scale)
 
 
 @_window_attention_op.register_fake
-def _(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size, shift_size):
+def _(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size, shift_size,
+      qk_scale):
     B, L, three_c = qkv.shape
     return qkv.new_empty((B, L, three_c // 3))
 
@@ -502,32 +580,87 @@ def kernel_available(device: torch.device) -> bool:
     return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
 
 
-def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor,
+# ----------------------------------------------------------------------------------------------
+# Kernel or PyTorch: one decision for every entry point
+# ----------------------------------------------------------------------------------------------
+def _needs_grad(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _has_tangent(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether a tensor is a forward-mode AD dual (tangent at the current level, torch.func.jvp too)."""
+    # no dual level is active almost always: one attribute read, no unpacking (host time per layer)
+    if getattr(_forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _pick_backend(backend: Optional[str], device: torch.device, tensors: Sequence[Optional[torch.Tensor]],
+                  unsupported: Optional[Exception] = None, caller: str = "flash_bias") -> str:
+    """"triton" or "torch" for a call of ``caller`` on these tensors.
+
+    backend None reads env FLASHBIAS_BACKEND (default "auto"). "auto" takes the kernel only on CUDA,
+    when no tensor needs a gradient or carries a forward-mode tangent (the kernel has neither pass) and
+    ``unsupported`` is None (the caller's reason why the kernel cannot take these inputs); "triton"
+    raises where "auto" would fall back."""
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get("FLASHBIAS_BACKEND", "auto"), "FLASHBIAS_BACKEND"
+    if backend not in BACKENDS:
+        raise ValueError(f"{caller}: {source} must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        # the interpreter is for tests: "auto" runs the kernel on CUDA only
+        if triton is None or device.type != "cuda" or unsupported is not None:
+            return "torch"
+        return "torch" if _needs_grad(tensors) or _has_tangent(tensors) else "triton"
+    if not kernel_available(device):
+        raise RuntimeError(f"{caller}: the Triton kernel cannot run on {device}: it needs CUDA and Triton "
+                           f"(or TRITON_INTERPRET=1 on the CPU); use backend='torch'")
+    if _needs_grad(tensors):
+        raise RuntimeError(f"{caller}: the Triton kernel has no backward pass and inputs require grad. Use "
+                           f"backend='auto' or 'torch' (the differentiable PyTorch path), or torch.no_grad()")
+    if _has_tangent(tensors):
+        raise RuntimeError(f"{caller}: the Triton kernel has no forward-mode AD and inputs are dual tensors "
+                           f"(torch.autograd.forward_ad / torch.func.jvp). Use backend='auto' or 'torch'")
+    if unsupported is not None:
+        raise unsupported
+    return "triton"
+
+
+def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optional[torch.Tensor] = None,
                          bias: Optional[torch.Tensor] = None,
                          bias_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                          region_ids: Optional[torch.Tensor] = None,
                          image_size: Optional[Sequence[int]] = None,
                          window_size: Optional[Sequence[int]] = None,
                          shift_size: int = 0,
-                         backend: Optional[str] = None) -> torch.Tensor:
-    """SwinV2 window attention with a relative-position bias, fused.
+                         backend: Optional[str] = None,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """Swin window attention with a relative-position bias, fused: SwinV2's cosine attention when
+    ``logit_scale`` is given, Swin V1's scaled dot product when it is None.
 
     Args:
         qkv: window layout (B*nW, N, 3C), or image layout (B, H*W, 3C) with ``image_size``; the qkv
             projection's output (channels ordered q | k | v, heads within each), any row stride.
         num_heads: H; head_dim = C / H.
-        logit_scale: (H,) or (H, 1, 1), the raw SwinV2 parameter: s_h = exp(min(logit_scale_h, ln 100)).
+        logit_scale: (H,) or (H, 1, 1), the raw SwinV2 parameter: s_h = exp(min(logit_scale_h, ln 100)),
+            cosine attention. None: scaled dot product (Swin V1), scores q @ k^T * scale.
+        scale: the scaled dot product's scale, a Python float (Swin V1's qk_scale); default
+            head_dim ** -0.5. Only without logit_scale (both: ValueError).
         bias: (H, N, N) dense bias, exact mode, any float dtype. float16 halves the kernel's bias
             reads (they come from L2; measured 1.39 vs 1.75 ms at SwinV2-B/384 stage 1 on an H100);
             centre each row first (softmax ignores a row's constant) to halve its rounding error.
-        bias_factors: (q_bias, k_bias), each (H, N, R) with R <= 128, low-rank mode.
+        bias_factors: (q_bias, k_bias), each (H, N, R) with R <= MAX_RANK (128), low-rank mode.
         region_ids: (nW, N) integers; tokens of different regions get MASK_VALUE. Window g of the
             batch (image layout: window g of each image) uses row g % nW.
         image_size, window_size, shift_size: the image layout, see the module docstring; in the
             window layout window_size only names the window's shape.
-        backend: "auto" (the kernel on CUDA when no gradient is needed, else PyTorch), "triton"
-            (the kernel or an error; on the CPU through TRITON_INTERPRET=1) or "torch"
-            (:func:`attention_reference`). None reads env FLASHBIAS_BACKEND, default "auto".
+        backend: "auto" (the kernel on CUDA when no gradient is needed, backward or forward mode,
+            and the inputs suit it; else PyTorch), "triton" (the kernel or an error; on the CPU
+            through TRITON_INTERPRET=1) or "torch" (:func:`attention_reference`). None reads env
+            FLASHBIAS_BACKEND, default "auto"; another value raises ValueError.
 
     Returns:
         (B*nW, N, C) or (B, H*W, C) in qkv's dtype. The kernel computes in qkv's dtype with float32
@@ -535,34 +668,21 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.T
     """
     N, C, head_dim, img, win, shift, windows = _layout(qkv, num_heads, image_size, window_size, shift_size)
     _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N, windows, shift)
-    if backend is None:
-        backend = os.environ.get("FLASHBIAS_BACKEND", "auto")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch'; got {backend!r}")
-    tensors = [t for t in (qkv, logit_scale, bias, region_ids, *(bias_factors or ())) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if backend == "auto":
-        # the interpreter is for tests: "auto" runs the kernel on CUDA only
-        usable = (triton is not None and qkv.device.type == "cuda" and not needs_grad
-                  and qkv.dtype != torch.float64)
-        backend = "triton" if usable else "torch"
-    if backend == "torch":
-        return attention_reference(qkv, num_heads, logit_scale, bias, bias_factors, region_ids,
-                                   image_size, window_size, shift_size)
-    if not kernel_available(qkv.device):
-        raise RuntimeError(f"the FlashBias Triton kernel cannot run on {qkv.device}: it needs CUDA and Triton "
-                           f"(or TRITON_INTERPRET=1 on the CPU)")
-    if needs_grad:
-        raise RuntimeError("the FlashBias kernel has no backward pass: inputs require grad. Use backend='auto' "
-                           "or 'torch' (the differentiable PyTorch path), or run under torch.no_grad()")
+    qk_scale = _qk_scale(logit_scale, scale, head_dim)
+    unsupported = None
     if qkv.dtype == torch.float64:
-        raise TypeError("the FlashBias kernel takes float16, bfloat16 or float32 qkv; float64 is for "
-                        "backend='torch'")
-    if not 1 <= head_dim <= 128:
-        raise ValueError(f"the FlashBias kernel supports head_dim up to 128; got {head_dim}")
+        unsupported = TypeError("flash_bias_attention: the Triton kernel takes float16, bfloat16 or float32 "
+                                "qkv; float64 is for backend='torch'")
+    elif not 1 <= head_dim <= MAX_HEAD_DIM:
+        unsupported = ValueError(f"flash_bias_attention: the Triton kernel takes head_dim 1..{MAX_HEAD_DIM}; "
+                                 f"got {head_dim}")
+    tensors = (qkv, logit_scale, bias, region_ids, *(bias_factors or ()))
+    if _pick_backend(backend, qkv.device, tensors, unsupported, "flash_bias_attention") == "torch":
+        return attention_reference(qkv, num_heads, logit_scale, bias, bias_factors, region_ids,
+                                   image_size, window_size, shift_size, scale)
     q_bias, k_bias = bias_factors if bias_factors is not None else (None, None)
     return _through_op(_window_attention_op, _launch)(qkv, logit_scale, bias, q_bias, k_bias, region_ids,
-                                                      num_heads, list(img), list(win), shift)
+                                                      num_heads, list(img), list(win), shift, qk_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,20 +775,281 @@ def residual_layer_norm(residual: torch.Tensor, x: torch.Tensor, norm: torch.nn.
         raise ValueError(f"residual {tuple(residual.shape)}, x {tuple(x.shape)} and the norm's shape "
                          f"{tuple(norm.normalized_shape)} do not fit")
     low_dtype = _autocast_dtype(x.device.type)
-    backend = backend or os.environ.get("FLASHBIAS_BACKEND", "auto")
+    unsupported = None
+    if norm.weight is None or norm.bias is None:
+        unsupported = ValueError("residual_layer_norm: the Triton kernel needs an affine LayerNorm (weight and "
+                                 "bias); use backend='torch'")
     tensors = (residual, x, norm.weight, norm.bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if backend == "auto":
-        backend = "triton" if (triton is not None and x.device.type == "cuda" and not needs_grad
-                               and norm.weight is not None and norm.bias is not None) else "torch"
-    if backend == "torch":
+    if _pick_backend(backend, x.device, tensors, unsupported, "residual_layer_norm") == "torch":
         out = residual + F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         return out, (out.to(low_dtype) if low_dtype is not None else None)
-    if not kernel_available(x.device) or needs_grad or norm.weight is None or norm.bias is None:
-        raise RuntimeError("the fused residual LayerNorm needs CUDA (or TRITON_INTERPRET=1), no gradients "
-                           "and an affine LayerNorm; use backend='torch'")
     ln_dtype = torch.float32 if low_dtype is not None else x.dtype   # autocast runs layer_norm in float32
     out_dtype = torch.promote_types(residual.dtype, torch.promote_types(ln_dtype, norm.weight.dtype))
     out, low = _through_op(_residual_layer_norm_op, _residual_layer_norm_launch)(
         residual, x, norm.weight, norm.bias, float(norm.eps), out_dtype, low_dtype)
     return out, (low if low_dtype is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin V1's residual add and the next pre-norm, fused (s = x + branch; LayerNorm(s) feeds the next matmul)
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _add_layer_norm_fwd(x_ptr, branch_ptr, w_ptr, b_ptr, sum_ptr, normed_ptr, rows, eps,
+                            C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+        """ROWS rows of s = x + branch and LayerNorm(s) * w + b, statistics in float32. All tensors (rows, C)
+        contiguous."""
+        offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_valid = offs_c < C
+        mask = (offs_r < rows)[:, None] & c_valid[None, :]
+        offs = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+        s = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+             + tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        s = s.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + offs, s, mask=mask)
+        # the norm reads the sum as stored (rounded to its dtype), as PyTorch's separate LayerNorm would
+        s = s.to(tl.float32)
+        mean = tl.sum(s, 1) / C
+        centred = tl.where(c_valid[None, :], s - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+        w = tl.load(w_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
+        normed = centred * rstd[:, None] * w + b
+        tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+def _add_layer_norm_launch(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           eps: float, sum_dtype: torch.dtype, normed_dtype: torch.dtype
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    C = x.shape[-1]
+    rows = x.numel() // C
+    x, branch = x.contiguous(), branch.contiguous()
+    total = torch.empty(x.shape, device=x.device, dtype=sum_dtype)
+    normed = torch.empty(x.shape, device=x.device, dtype=normed_dtype)
+    if POISON_OUTPUT:
+        total.fill_(float("nan"))
+        normed.fill_(float("nan"))
+    block_c = _next_pow2(C)
+    rows_per_program = max(1, min(64, 4096 // block_c))
+    grid = (triton.cdiv(rows, rows_per_program),)
+    _add_layer_norm_fwd[grid](x, branch, weight, bias, total, normed, rows, eps, C=C, BLOCK_C=block_c,
+                              ROWS=rows_per_program, num_warps=4 if block_c <= 512 else 8)
+    return total, normed
+
+
+@torch.library.custom_op(_op_name("add_layer_norm"), mutates_args=())
+def _add_layer_norm_op(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       sum_dtype: torch.dtype, normed_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _add_layer_norm_launch(x, branch, weight, bias, eps, sum_dtype, normed_dtype)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, branch, weight, bias, eps, sum_dtype, normed_dtype):
+    return x.new_empty(x.shape, dtype=sum_dtype), x.new_empty(x.shape, dtype=normed_dtype)
+
+
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm,
+                   backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + branch`` and ``norm(s)`` in one pass: Swin V1's residual add and the pre-norm of the
+    sub-block that follows it (``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``).
+
+    Args:
+        x, branch: (..., C), same shape (the residual stream and the sub-block's output).
+        norm: a LayerNorm over C with weight and bias.
+        backend: as in :func:`flash_bias_attention` ("auto": the kernel on CUDA without gradients).
+    Returns:
+        (s, normed): s in the dtype of PyTorch's ``x + branch``; normed = norm(s) in the autocast dtype
+        under autocast (what the next matmul reads: the cast PyTorch would add is done in the same pass),
+        else in s's dtype (as ``norm(s)``). The kernel normalises s as stored, rounded to its dtype.
+    """
+    if x.shape != branch.shape or tuple(norm.normalized_shape) != (x.shape[-1],):
+        raise ValueError(f"add_layer_norm: x {tuple(x.shape)}, branch {tuple(branch.shape)} and the norm's shape "
+                         f"{tuple(norm.normalized_shape)} do not fit")
+    low_dtype = _autocast_dtype(x.device.type)
+    unsupported = None
+    if norm.weight is None or norm.bias is None:
+        unsupported = ValueError("add_layer_norm: the Triton kernel needs an affine LayerNorm (weight and bias); "
+                                 "use backend='torch'")
+    elif torch.float64 in (x.dtype, branch.dtype):
+        unsupported = TypeError("add_layer_norm: the Triton kernel computes in float32; float64 is for "
+                                "backend='torch'")
+    tensors = (x, branch, norm.weight, norm.bias)
+    if _pick_backend(backend, x.device, tensors, unsupported, "add_layer_norm") == "torch":
+        total = x + branch
+        normed = F.layer_norm(total, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return total, (normed.to(low_dtype) if low_dtype is not None else normed)
+    sum_dtype = torch.promote_types(x.dtype, branch.dtype)
+    return _through_op(_add_layer_norm_op, _add_layer_norm_launch)(
+        x, branch, norm.weight, norm.bias, float(norm.eps), sum_dtype, low_dtype or sum_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dense bias from a relative-position table, fused (SwinV2: 16 * sigmoid(cpb_mlp(...))[index])
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _bias_from_table_fwd(table_ptr, index_ptr, out_ptr, stride_table_t, stride_table_h,
+                             stride_index_n, stride_index_m, stride_out_h, stride_out_n,
+                             num_heads, rows, cols, table_rows, sigmoid_scale,
+                             SIGMOID: tl.constexpr, CENTER: tl.constexpr,
+                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """BLOCK_ROWS whole rows of one head's bias (BLOCK_COLS >= cols): the row's midpoint needs all of it.
+
+        The head is the fastest grid axis: programs that run together read the same index rows."""
+        pid = tl.program_id(0)
+        h = pid % num_heads
+        offs_r = (pid // num_heads) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        # rows past the end repeat the last row (never stored): no empty row makes an inf - inf midpoint
+        read_r = tl.minimum(offs_r, rows - 1)
+        offs_c = tl.arange(0, BLOCK_COLS)
+        c_valid = (offs_c < cols)[None, :]
+        idx = tl.load(index_ptr + read_r[:, None] * stride_index_n + offs_c[None, :] * stride_index_m,
+                      mask=c_valid, other=0).to(tl.int64)
+        # an index outside the table reads nothing and gives NaN (checking its range would sync the host)
+        in_table = c_valid & (idx >= 0) & (idx < table_rows)
+        b = tl.load(table_ptr + idx * stride_table_t + h * stride_table_h, mask=in_table,
+                    other=float("nan")).to(tl.float32)
+        if SIGMOID:
+            b = sigmoid_scale * tl.sigmoid(b)
+        if CENTER:
+            hi = tl.max(tl.where(c_valid, b, float("-inf")), 1)
+            lo = tl.min(tl.where(c_valid, b, float("inf")), 1)
+            b = b - ((hi + lo) * 0.5)[:, None]
+        out_ptrs = out_ptr + h * stride_out_h + offs_r[:, None] * stride_out_n + offs_c[None, :]
+        tl.store(out_ptrs, b.to(out_ptr.dtype.element_ty), mask=(offs_r < rows)[:, None] & c_valid)
+
+
+def _bias_from_table_launch(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
+                            center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    num_heads = table.shape[1]
+    rows, cols = index.shape
+    out = torch.empty((num_heads, rows, cols), device=table.device, dtype=out_dtype)
+    if POISON_OUTPUT:
+        out.fill_(float("nan"))
+    block_cols = _next_pow2(cols)
+    block_rows = max(1, min(_next_pow2(rows), 4096 // block_cols))
+    grid = (num_heads * triton.cdiv(rows, block_rows),)
+    _bias_from_table_fwd[grid](table, index, out, table.stride(0), table.stride(1), index.stride(0),
+                               index.stride(1), out.stride(0), out.stride(1), num_heads, rows, cols,
+                               table.shape[0], float(sigmoid_scale if sigmoid_scale is not None else 1.0),
+                               SIGMOID=sigmoid_scale is not None, CENTER=center_rows,
+                               BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                               num_warps=4 if block_rows * block_cols <= 2048 else 8)
+    return out
+
+
+@torch.library.custom_op(_op_name("bias_from_table"), mutates_args=())
+def _bias_from_table_op(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
+                        center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return _bias_from_table_launch(table, index, sigmoid_scale, center_rows, out_dtype)
+
+
+@_bias_from_table_op.register_fake
+def _(table, index, sigmoid_scale, center_rows, out_dtype):
+    return table.new_empty((table.shape[1], *index.shape), dtype=out_dtype)
+
+
+def _bias_from_table_torch(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
+                           center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The readable definition of :func:`bias_from_table` (differentiable w.r.t. table)."""
+    compute = torch.promote_types(table.dtype, torch.float32)
+    bias = table.to(compute).t()[:, index]          # (H, N, M), contiguous
+    if sigmoid_scale is not None:
+        bias = sigmoid_scale * torch.sigmoid(bias)
+    if center_rows:
+        bias = bias - (bias.amax(-1, keepdim=True) + bias.amin(-1, keepdim=True)) / 2
+    return bias.to(out_dtype)
+
+
+def _check_table_inputs(table: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype) -> None:
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        raise ValueError(f"bias_from_table: table must be 2-D (T, num_heads); got "
+                         f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table)}")
+    if not table.is_floating_point():
+        raise TypeError(f"bias_from_table: table must be floating; got {table.dtype}")
+    if not isinstance(index, torch.Tensor) or index.dim() != 2:
+        raise ValueError(f"bias_from_table: index must be 2-D (N, N) (or (N, M)); got "
+                         f"{tuple(index.shape) if isinstance(index, torch.Tensor) else type(index)}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"bias_from_table: index must be an integer tensor; got {index.dtype}")
+    if index.device != table.device:
+        raise ValueError(f"bias_from_table: index is on {index.device} but table on {table.device}")
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"bias_from_table: out_dtype must be a floating dtype; got {out_dtype!r}")
+
+
+def bias_from_table(table: torch.Tensor, index: torch.Tensor, *, sigmoid_scale: Optional[float] = 16.0,
+                    center_rows: bool = False, out_dtype: Optional[torch.dtype] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """The dense relative-position bias B (H, N, N) of a window, derived from a table in one pass.
+
+    ``B[h, i, j] = sigmoid_scale * sigmoid(table[index[i, j], h])`` (``table[index[i, j], h]`` when
+    sigmoid_scale is None), computed in float32 (float64 for a float64 table, PyTorch path only).
+
+    Args:
+        table: (T, H) floating, any strides. SwinV2: ``cpb_mlp(relative_coords_table).view(-1, H)``,
+            raw (before the sigmoid); Swin V1: ``relative_position_bias_table`` with sigmoid_scale=None.
+        index: (N, N) integers in [0, T), any integer dtype (SwinV2's ``relative_position_index``); a
+            rectangular (N, M) index gives (H, N, M). The kernel path does not check the range (that
+            would sync the host): an entry outside the table gives NaN there (with center_rows, maybe
+            in its whole row); the PyTorch path raises an indexing error.
+        sigmoid_scale: SwinV2's 16, or None for no sigmoid.
+        center_rows: subtract each row's midpoint (max_j + min_j) / 2: softmax ignores a row's constant,
+            and a centred row has half the magnitude, so half the rounding error in float16.
+        out_dtype: the result's dtype; default the table's.
+        backend: as in :func:`flash_bias_attention`; "auto" takes the kernel on CUDA when the table
+            needs no gradient, else PyTorch (differentiable: gradients reach the table).
+
+    Returns:
+        (H, N, N) contiguous, in out_dtype, on the table's device.
+    """
+    out_dtype = table.dtype if out_dtype is None and isinstance(table, torch.Tensor) else out_dtype
+    _check_table_inputs(table, index, out_dtype)
+    unsupported = None
+    if table.dtype == torch.float64:
+        unsupported = TypeError("bias_from_table: the Triton kernel computes in float32; a float64 table is for "
+                                "backend='torch'")
+    sigmoid_scale = float(sigmoid_scale) if sigmoid_scale is not None else None   # the op's schema: float
+    if _pick_backend(backend, table.device, (table,), unsupported, "bias_from_table") == "torch":
+        return _bias_from_table_torch(table, index, sigmoid_scale, center_rows, out_dtype)
+    return _through_op(_bias_from_table_op, _bias_from_table_launch)(table, index, sigmoid_scale, center_rows,
+                                                                      out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shift mask's regions
+# ----------------------------------------------------------------------------------------------
+def _shift_regions(length: int, window: int, shift: int) -> torch.Tensor:
+    """Region (0, 1, 2) of each position along one axis: the official slices (0, -window),
+    (-window, -shift), (-shift, None)."""
+    pos = torch.arange(length)
+    return (pos >= length - window).to(torch.int32) + (pos >= length - shift).to(torch.int32)
+
+
+def shifted_window_region_ids(image_size, window_size, shift_size: int) -> torch.Tensor:
+    """The ``region_ids`` (nW, N) int32 of SwinV2's shifted-window attention, on the CPU.
+
+    Region ``3 * row_region + col_region`` of every token of the (cyclically shifted) image, the
+    official ``img_mask`` (9 regions from the slices (0, -window), (-window, -shift), (-shift, None) on
+    each axis), partitioned like the official ``window_partition``: windows row-major, tokens
+    row-major within a window. ``region_mask`` of the result is the official attn_mask.
+
+    Args:
+        image_size: H or (H, W); window_size: w or (wh, ww), tiling the image;
+        shift_size: in [0, min(wh, ww)). 0 gives all zeros (one region: no mask, as the official code).
+    """
+    img_h, img_w = (int(image_size),) * 2 if isinstance(image_size, int) else (int(s) for s in image_size)
+    win_h, win_w = (int(window_size),) * 2 if isinstance(window_size, int) else (int(s) for s in window_size)
+    if win_h < 1 or win_w < 1 or img_h % win_h or img_w % win_w:
+        raise ValueError(f"window_size {win_h}x{win_w} does not tile image_size {img_h}x{img_w}")
+    if not 0 <= int(shift_size) < min(win_h, win_w):
+        raise ValueError(f"shift_size must be in [0, {min(win_h, win_w)}); got {shift_size}")
+    if shift_size == 0:
+        return torch.zeros(((img_h // win_h) * (img_w // win_w), win_h * win_w), dtype=torch.int32)
+    regions = (3 * _shift_regions(img_h, win_h, shift_size)[:, None]
+               + _shift_regions(img_w, win_w, shift_size)[None, :])
+    windows = regions.view(img_h // win_h, win_h, img_w // win_w, win_w).permute(0, 2, 1, 3)
+    return windows.reshape(-1, win_h * win_w).contiguous()

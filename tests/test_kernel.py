@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import flash_bias_factors as fbf
 import flash_bias_triton as fb
 
 CUDA = torch.cuda.is_available()
@@ -42,8 +43,9 @@ def trained_like_bias(H, N, g):
     return 16 * torch.sigmoid(logits)
 
 
-def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=None, shift=0, nW=4):
-    """Random inputs for one call; returns (args dict for flash_bias_attention)."""
+def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=None, shift=0, nW=4, cosine=True):
+    """Random inputs for one call; returns (args dict for flash_bias_attention). cosine=False: Swin V1's
+    scaled dot product (no logit_scale; the bias a V1 table's N(0, 2) entries, not 16 * sigmoid)."""
     g = fresh_generator()
     C = H * d
     L = N if image is None else image[0] * image[1]
@@ -53,9 +55,9 @@ def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=Non
     wide[..., :3 * C] = qkv
     qkv = wide[..., :3 * C].to(DEVICE, dtype)
     logit_scale = torch.empty(H, 1, 1).uniform_(math.log(5), math.log(120), generator=g).to(DEVICE)
-    args = dict(qkv=qkv, num_heads=H, logit_scale=logit_scale)
+    args = dict(qkv=qkv, num_heads=H, logit_scale=logit_scale) if cosine else dict(qkv=qkv, num_heads=H)
     if bias_mode == "dense":
-        args["bias"] = trained_like_bias(H, N, g).to(DEVICE)
+        args["bias"] = (trained_like_bias(H, N, g) if cosine else 2 * torch.randn(H, N, N, generator=g)).to(DEVICE)
     elif bias_mode == "lowrank":
         args["bias_factors"] = tuple(torch.randn(H, N, rank, generator=g).to(DEVICE) / math.sqrt(rank)
                                      for _ in range(2))
@@ -71,7 +73,8 @@ def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=Non
 def reference64(args):
     a = dict(args)
     a["qkv"] = args["qkv"].double()
-    a["logit_scale"] = args["logit_scale"].double()
+    if "logit_scale" in a:
+        a["logit_scale"] = args["logit_scale"].double()
     if "bias" in a:
         a["bias"] = a["bias"].double()
     if "bias_factors" in a:
@@ -143,25 +146,6 @@ def test_image_layout(image, window, shift, dtype, bias_mode):
     """Cyclic shift, window partition and reverse done by index arithmetic inside the kernel."""
     check(make_case(2, window[0] * window[1], 2, 32, dtype, bias_mode, shift > 0 or bias_mode == "lowrank",
                     image=image, window=window, shift=shift))
-
-
-def test_swin_shifted_mask_matches_official_mask():
-    """Region ids built like SwinV2's img_mask give the official -100 attn_mask's result."""
-    H_img, ws, shift, heads = 8, 4, 2, 2
-    img_mask = torch.zeros(H_img, H_img)
-    cnt = 0
-    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-            img_mask[hs, wsl] = cnt
-            cnt += 1
-    region_ids = img_mask.view(2, ws, 2, ws).permute(0, 2, 1, 3).reshape(4, ws * ws).to(torch.int32)
-    official = region_ids.float()[:, None, :] - region_ids.float()[:, :, None]
-    official = official.masked_fill(official != 0, -100.0)
-    assert torch.equal(fb.region_mask(region_ids), official)
-    args = make_case(3, ws * ws, heads, 32, torch.float16, "dense", False, image=(H_img, H_img),
-                     window=(ws, ws), shift=shift)
-    args["region_ids"] = region_ids.to(DEVICE)
-    check(args)
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU runs the real block sizes; this covers them in the interpreter")
@@ -242,21 +226,21 @@ def test_bad_dtypes():
 def test_low_rank_rules():
     g = fresh_generator()
     bias = trained_like_bias(3, 64, g).double()
-    q, k, info = fb.low_rank_bias_factors(bias, rank=8)
+    q, k, info = fbf.low_rank_bias_factors(bias, rank=8)
     assert q.shape == (3, 64, 8) and info["rank"] == 8
-    assert abs(fb.logit_error(bias, q.double() @ k.double().transpose(1, 2))[0] - info["max_logit_error"]) < 1e-4
-    q, k, info = fb.low_rank_bias_factors(bias, max_logit_error=0.05)
+    assert abs(fbf.logit_error(bias, q.double() @ k.double().transpose(1, 2))[0] - info["max_logit_error"]) < 1e-4
+    q, k, info = fbf.low_rank_bias_factors(bias, max_logit_error=0.05)
     assert info["max_logit_error"] <= 0.05
     if info["rank"] > 1:
-        _, _, below = fb.low_rank_bias_factors(bias, rank=info["rank"] - 1)
+        _, _, below = fbf.low_rank_bias_factors(bias, rank=info["rank"] - 1)
         assert below["max_logit_error"] > 0.05
-    _, _, seed_rule = fb.low_rank_bias_factors(bias, energy=0.995)
+    _, _, seed_rule = fbf.low_rank_bias_factors(bias, energy=0.995)
     assert seed_rule["energy"] >= 0.995
-    q, k, info = fb.low_rank_bias_factors(bias, max_logit_error=1e-9, max_rank=4)
+    q, k, info = fbf.low_rank_bias_factors(bias, max_logit_error=1e-9, max_rank=4)
     assert q is None and info["rank"] is None
     # centring rows never hurts: softmax ignores the row mean the uncentred SVD spends rank on
-    _, _, raw = fb.low_rank_bias_factors(bias, rank=4, center_rows=False)
-    _, _, centred = fb.low_rank_bias_factors(bias, rank=4)
+    _, _, raw = fbf.low_rank_bias_factors(bias, rank=4, center_rows=False)
+    _, _, centred = fbf.low_rank_bias_factors(bias, rank=4)
     assert centred["max_logit_error"] <= raw["max_logit_error"] + 1e-9
 
 
@@ -296,3 +280,481 @@ def test_residual_layer_norm(C, dtype, autocast):
         assert rel_err(low, exact) < 1e-2
     with pytest.raises(ValueError, match="do not fit"):
         fb.residual_layer_norm(residual[:, :5], x, norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# One backend decision for every entry point
+# ----------------------------------------------------------------------------------------------
+def layer_norm_case(C=96):
+    g = fresh_generator()
+    residual = torch.randn(2, 7, C, generator=g).to(DEVICE)
+    x = torch.randn(2, 7, C, generator=g).to(DEVICE)
+    return residual, x, torch.nn.LayerNorm(C).to(DEVICE)
+
+
+def table_case(T=169, H=3, N=49):
+    g = fresh_generator()
+    return (2 * torch.randn(T, H, generator=g)).to(DEVICE), torch.randint(0, T, (N, N), generator=g).to(DEVICE)
+
+
+def call_each_entry_point(backend):
+    """Call flash_bias_attention, residual_layer_norm and bias_from_table with this backend."""
+    args = make_case(2, 49, 2, 32, torch.float32, "dense", True, nW=2)
+    yield lambda: fb.flash_bias_attention(**args, backend=backend)
+    residual, x, norm = layer_norm_case()
+    yield lambda: fb.residual_layer_norm(residual, x, norm, backend=backend)
+    table, index = table_case()
+    yield lambda: fb.bias_from_table(table, index, backend=backend)
+
+
+def test_misspelt_backend_raises_in_every_entry_point(monkeypatch):
+    for call in call_each_entry_point("trition"):
+        with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'torch'; got 'trition'"):
+            call()
+    monkeypatch.setenv("FLASHBIAS_BACKEND", "Torch")
+    for call in call_each_entry_point(None):
+        with pytest.raises(ValueError, match="FLASHBIAS_BACKEND must be one of .*; got 'Torch'"):
+            call()
+    monkeypatch.setenv("FLASHBIAS_BACKEND", "triton")   # a valid environment value is obeyed
+    with torch.no_grad():
+        check(make_case(2, 49, 2, 32, torch.float16, "dense", True, nW=2))
+
+
+def test_triton_backend_refuses_inputs_that_need_grad():
+    residual, x, norm = layer_norm_case()
+    with pytest.raises(RuntimeError, match="residual_layer_norm: the Triton kernel has no backward pass"):
+        fb.residual_layer_norm(residual, x, norm, backend="triton")   # norm.weight requires grad
+    table, index = table_case()
+    with pytest.raises(RuntimeError, match="bias_from_table: the Triton kernel has no backward pass"):
+        fb.bias_from_table(table.requires_grad_(True), index, backend="triton")
+    affine_free = torch.nn.LayerNorm(96, elementwise_affine=False).to(DEVICE)
+    with pytest.raises(ValueError, match="needs an affine LayerNorm"):
+        fb.residual_layer_norm(residual, x, affine_free, backend="triton")
+    fb.residual_layer_norm(residual, x, affine_free)                 # "auto" falls back to PyTorch
+
+
+def test_auto_backend_decision():
+    """What "auto" picks on CUDA (checked without one: the decision only reads the device type)."""
+    cuda = torch.device("cuda")
+    plain, trained = torch.zeros(3), torch.zeros(3, requires_grad=True)
+    assert fb._pick_backend("auto", cuda, (plain, None)) == "triton"
+    assert fb._pick_backend("auto", torch.device("cpu"), (plain,)) == "torch"
+    assert fb._pick_backend("auto", cuda, (plain, trained)) == "torch"
+    with torch.no_grad():
+        assert fb._pick_backend("auto", cuda, (plain, trained)) == "triton"
+    assert fb._pick_backend("auto", cuda, (plain,), unsupported=TypeError("float64")) == "torch"
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(plain, torch.ones(3))
+        assert fb._pick_backend("auto", cuda, (dual,)) == "torch"
+        assert fb._pick_backend("auto", cuda, (plain,)) == "triton"
+    with pytest.raises(TypeError, match="float64"):
+        fb._pick_backend("triton", torch.device(DEVICE), (plain,), unsupported=TypeError("float64"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward-mode AD: the PyTorch path carries tangents, the kernel says it cannot
+# ----------------------------------------------------------------------------------------------
+def test_forward_ad_auto_gives_the_tangent():
+    import torch.autograd.forward_ad as fwAD
+    args = make_case(2, 49, 2, 32, torch.float64, "dense", True, nW=2)
+    qkv, bias = args.pop("qkv"), args.pop("bias")
+    g = fresh_generator()
+    qkv_dot = torch.randn(qkv.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    bias_dot = torch.randn(bias.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    with fwAD.dual_level():
+        out = fb.flash_bias_attention(fwAD.make_dual(qkv, qkv_dot), bias=fwAD.make_dual(bias.double(), bias_dot),
+                                      **args)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None
+
+    def reference(q, b):
+        return fb.attention_reference(q, bias=b, **args)
+    _, jvp = torch.func.jvp(reference, (qkv, bias.double()), (qkv_dot, bias_dot))
+    assert rel_err(tangent, jvp) < 1e-12
+    eps = 1e-6
+    finite_difference = (reference(qkv + eps * qkv_dot, bias + eps * bias_dot)
+                         - reference(qkv - eps * qkv_dot, bias - eps * bias_dot)) / (2 * eps)
+    assert rel_err(tangent, finite_difference) < 1e-6
+
+
+def test_forward_ad_triton_raises():
+    import torch.autograd.forward_ad as fwAD
+    args = make_case(2, 49, 2, 32, torch.float16, "dense", True, nW=2)
+    qkv = args.pop("qkv")
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="flash_bias_attention: .*no forward-mode AD"):
+        fb.flash_bias_attention(fwAD.make_dual(qkv, torch.ones_like(qkv)), **args, backend="triton")
+    with pytest.raises(RuntimeError, match="no forward-mode AD"):
+        torch.func.jvp(lambda q: fb.flash_bias_attention(q, **args, backend="triton"), (qkv,),
+                       (torch.ones_like(qkv),))
+    table, index = table_case()
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="bias_from_table: .*no forward-mode AD"):
+        fb.bias_from_table(fwAD.make_dual(table, torch.ones_like(table)), index, backend="triton")
+    with torch.no_grad():   # the same calls without a tangent still run the kernel
+        check(dict(args, qkv=qkv))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel inputs the kernel used to read differently from the reference
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["(H,1,1) of stride 2", "(H,) of stride 2"])
+def test_non_contiguous_logit_scale(layout):
+    args = make_case(2, 49, 4, 32, torch.float16, "dense", True, nW=2)
+    g = fresh_generator()
+    if layout == "(H,1,1) of stride 2":
+        wide = torch.empty(4, 1, 2).uniform_(math.log(5), math.log(120), generator=g)
+        args["logit_scale"] = wide.to(DEVICE)[..., :1]
+    else:
+        args["logit_scale"] = torch.empty(8).uniform_(math.log(5), math.log(120), generator=g).to(DEVICE)[::2]
+    assert not args["logit_scale"].is_contiguous()
+    check(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int16, torch.uint8])
+def test_region_ids_of_any_integer_dtype(dtype):
+    """Ids are compared as given: 2**32 + r and r are different regions (an int32 cast made them equal)."""
+    args = make_case(2, 49, 2, 32, torch.float16, "dense", True, nW=2)
+    ids = args["region_ids"].long()
+    if dtype == torch.int64:
+        ids = ids + (2 ** 32) * (torch.arange(49, device=DEVICE) % 2)   # half of each window far away
+        assert (ids.to(torch.int32) == args["region_ids"]).all()
+    else:
+        ids = ids + 200 if dtype == torch.uint8 else ids - 30000
+    args["region_ids"] = ids.to(dtype)
+    check(args)
+
+
+@pytest.mark.filterwarnings("ignore:.*(NaN|invalid value).*:RuntimeWarning")   # NaN is the point
+def test_nan_logit_scale_gives_nan_like_the_reference():
+    args = make_case(2, 49, 2, 32, torch.float32, "dense", True, nW=2)
+    args["logit_scale"] = args["logit_scale"].clone()
+    args["logit_scale"][0] = float("nan")
+    out = fb.flash_bias_attention(**args, backend="triton")
+    ref = reference64(args)
+    assert torch.isnan(ref[..., :32]).all() and not torch.isnan(ref[..., 32:]).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert rel_err(out[..., 32:], ref[..., 32:]) < TOL[torch.float32]
+
+
+def test_kernel_reads_the_named_constants(monkeypatch):
+    """The kernel's mask value, logit-scale cap and normalisation eps are the module's constants."""
+    monkeypatch.setattr(fb, "MASK_VALUE", -3.0)
+    monkeypatch.setattr(fb, "MAX_LOGIT_SCALE", math.log(10.0))
+    monkeypatch.setattr(fb, "NORM_EPS", 0.5)
+    args = make_case(2, 49, 2, 32, torch.float32, "dense", True, nW=2)
+    qkv = args["qkv"].clone()
+    qkv[:, ::3] *= 0.02                     # rows shorter than NORM_EPS: the eps decides their scale
+    args["qkv"] = qkv
+    check(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# bias_from_table
+# ----------------------------------------------------------------------------------------------
+def relative_position_index(wh, ww):
+    """SwinV2's relative_position_index of a wh x ww window, as the official code builds it."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    relative[:, :, 0] += wh - 1
+    relative[:, :, 1] += ww - 1
+    relative[:, :, 0] *= 2 * ww - 1
+    return relative.sum(-1), (2 * wh - 1) * (2 * ww - 1)
+
+
+def bias_from_table64(table, index, sigmoid_scale, center_rows):
+    bias = table.double()[index.long()].permute(2, 0, 1)
+    if sigmoid_scale is not None:
+        bias = sigmoid_scale * torch.sigmoid(bias)
+    if center_rows:
+        bias = bias - (bias.max(-1, keepdim=True).values + bias.min(-1, keepdim=True).values) / 2
+    return bias
+
+
+BIAS_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (8, 8), (12, 12), "rectangular"])
+@pytest.mark.parametrize("center_rows", [False, True])
+@pytest.mark.parametrize("sigmoid_scale", [16.0, None])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_bias_from_table(shape, center_rows, sigmoid_scale, out_dtype):
+    g = fresh_generator()
+    H = 3
+    if shape == "rectangular":
+        T = 100
+        index = torch.randint(0, T, (40, 72), generator=g, dtype=torch.int32)
+    else:
+        index, T = relative_position_index(*shape)
+    # a column slice of a wider tensor: the table's strides are not (H, 1)
+    table = (2 * torch.randn(T, H + 2, generator=g))[:, 1:H + 1].to(DEVICE)
+    index = index.to(DEVICE)
+    ref = bias_from_table64(table, index, sigmoid_scale, center_rows)
+    for backend in ("triton", "torch"):
+        out = fb.bias_from_table(table, index, sigmoid_scale=sigmoid_scale, center_rows=center_rows,
+                                 out_dtype=out_dtype, backend=backend)
+        assert out.shape == (H, *index.shape) and out.dtype == out_dtype and out.is_contiguous()
+        assert not torch.isnan(out).any(), f"{backend}: NaN in the output: an element was not written"
+        err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < BIAS_TOL[out_dtype], (backend, err)
+
+
+def test_bias_from_table_defaults_and_16_bit_table():
+    """Default out_dtype is the table's; a float16 table is read as float16 and computed in float32."""
+    table, index = table_case()
+    table = table.half()
+    out = fb.bias_from_table(table, index, backend="triton")
+    assert out.dtype == torch.float16
+    assert rel_err(out, bias_from_table64(table, index, 16.0, False)) < 1e-3
+
+
+def test_bias_from_table_gradient_reaches_the_table():
+    table, index = table_case()
+    table64 = table.double().requires_grad_(True)
+    table.requires_grad_(True)
+    g = fresh_generator()
+    weight = torch.randn(3, 49, 49, generator=g).to(DEVICE)
+    (fb.bias_from_table(table, index, center_rows=True) * weight).sum().backward()   # "auto": PyTorch
+    (bias_from_table64(table64, index, 16.0, True) * weight.double()).sum().backward()
+    assert table.grad is not None and rel_err(table.grad, table64.grad) < 1e-5
+
+
+def test_bias_from_table_out_of_range_index_gives_nan_on_the_kernel_path():
+    table, index = table_case()
+    index = index.clone()
+    index[3, 5], index[10, 0] = table.shape[0], -1
+    out = fb.bias_from_table(table, index, backend="triton")
+    bad = torch.zeros(index.shape, dtype=torch.bool, device=DEVICE)
+    bad[3, 5] = bad[10, 0] = True
+    assert torch.isnan(out[:, bad]).all() and not torch.isnan(out[:, ~bad]).any()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(table=torch.zeros(169)), "table must be 2-D"),
+    (dict(table=torch.zeros(169, 3, dtype=torch.int32)), "table must be floating"),
+    (dict(index=torch.zeros(49, dtype=torch.int64)), "index must be 2-D"),
+    (dict(index=torch.zeros(49, 49)), "index must be an integer tensor"),
+    (dict(index=torch.zeros(49, 49, dtype=torch.int64, device="meta")), "index is on meta"),
+    (dict(out_dtype=torch.int32), "out_dtype must be a floating dtype"),
+])
+def test_bias_from_table_bad_inputs_name_the_problem(change, match):
+    table, index = table_case()
+    args = dict(table=table, index=index)
+    args.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+                 for k, v in change.items()})
+    with pytest.raises((ValueError, TypeError), match=match):
+        fb.bias_from_table(args.pop("table"), args.pop("index"), **args, backend="triton")
+
+
+def test_bias_from_table_traces_in_torch_compile():
+    table, index = table_case()
+    compiled = torch.compile(lambda t: fb.bias_from_table(t, index, center_rows=True, out_dtype=torch.float16,
+                                                          backend="triton") * 2, backend="aot_eager",
+                             fullgraph=True)
+    out = compiled(table)
+    assert rel_err(out, 2 * bias_from_table64(table, index, 16.0, True)) < 1e-3
+
+
+def test_centred_16_bit_bias_from_table_gives_the_same_attention():
+    """Centring rows changes B by a row constant, which softmax ignores."""
+    index, T = relative_position_index(7, 7)
+    g = fresh_generator()
+    table = (2 * torch.randn(T, 2, generator=g)).to(DEVICE)
+    args = make_case(4, 49, 2, 32, torch.float16, "none", True)
+    exact = reference64(dict(args, bias=bias_from_table64(table, index.to(DEVICE), 16.0, False)))
+    args["bias"] = fb.bias_from_table(table, index.to(DEVICE), center_rows=True, out_dtype=torch.float16,
+                                      backend="triton")
+    out = fb.flash_bias_attention(**args, backend="triton")
+    assert rel_err(out, exact) < TOL[torch.float16]
+
+
+# ----------------------------------------------------------------------------------------------
+# shifted_window_region_ids
+# ----------------------------------------------------------------------------------------------
+def official_attn_mask(image, window, shift):
+    """SwinTransformerBlock's attn_mask as the official code computes it (window_partition inlined)."""
+    (H, W), (wh, ww) = image, window
+    img_mask = torch.zeros((1, H, W, 1))
+    cnt = 0
+    for h in (slice(0, -wh), slice(-wh, -shift), slice(-shift, None)):
+        for w in (slice(0, -ww), slice(-ww, -shift), slice(-shift, None)):
+            img_mask[:, h, w, :] = cnt
+            cnt += 1
+    mask_windows = img_mask.view(1, H // wh, wh, W // ww, ww, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww)
+    attn_mask = mask_windows.unsqueeze(1) - mask_windows.unsqueeze(2)
+    return attn_mask.masked_fill(attn_mask != 0, float(-100.0)).masked_fill(attn_mask == 0, float(0.0))
+
+
+@pytest.mark.parametrize("image,window,shift", [
+    ((8, 8), (4, 4), 2), ((12, 8), (4, 4), 2), ((16, 24), (8, 8), 4), ((14, 21), (7, 7), 3),
+    ((12, 8), (6, 4), 2), ((8, 8), (4, 4), 1), ((12, 12), (12, 12), 6),
+])
+def test_shifted_window_region_ids_match_official_mask(image, window, shift):
+    region_ids = fb.shifted_window_region_ids(image, window, shift)
+    nW = (image[0] // window[0]) * (image[1] // window[1])
+    assert region_ids.shape == (nW, window[0] * window[1]) and region_ids.dtype == torch.int32
+    assert torch.equal(fb.region_mask(region_ids), official_attn_mask(image, window, shift))
+
+
+def test_shifted_window_region_ids_arguments():
+    assert torch.equal(fb.shifted_window_region_ids(8, 4, 0), torch.zeros(4, 16, dtype=torch.int32))
+    assert torch.equal(fb.shifted_window_region_ids(8, 4, 2), fb.shifted_window_region_ids((8, 8), (4, 4), 2))
+    with pytest.raises(ValueError, match="shift_size must be in \\[0, 4\\); got 4"):
+        fb.shifted_window_region_ids((8, 8), (4, 4), 4)
+    with pytest.raises(ValueError, match="window_size 3x3 does not tile image_size 8x8"):
+        fb.shifted_window_region_ids((8, 8), 3, 1)
+
+
+@pytest.mark.parametrize("image,window,shift", [((8, 8), (4, 4), 2), ((12, 8), (6, 4), 2)])
+def test_shifted_windows_in_the_kernel(image, window, shift):
+    """The image layout's in-kernel shift with the official regions, against the reference."""
+    args = make_case(3, window[0] * window[1], 2, 32, torch.float16, "dense", False, image=image,
+                     window=window, shift=shift)
+    args["region_ids"] = fb.shifted_window_region_ids(image, window, shift).to(DEVICE)
+    check(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin V1: scaled dot-product attention (logit_scale=None), the same kernel's other score form
+# ----------------------------------------------------------------------------------------------
+def scaled_dot_product64(args, scale):
+    """Swin V1's window attention written out in float64 the official way (window layout, nW = 2)."""
+    qkv = args["qkv"].double()
+    H, (Bw, N, three_c) = args["num_heads"], qkv.shape
+    q, k, v = qkv.view(Bw, N, 3, H, three_c // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * scale) @ k.transpose(-2, -1) + args["bias"].double()
+    attn = attn.view(Bw // 2, 2, H, N, N) + fb.region_mask(args["region_ids"], torch.float64)[None, :, None]
+    return (attn.view(Bw, H, N, N).softmax(-1) @ v).transpose(1, 2).reshape(Bw, N, three_c // 3)
+
+
+@pytest.mark.parametrize("N", SIZES)
+@pytest.mark.parametrize("bias_mode", ["dense", "lowrank", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_scaled_dot_product_window_layout(N, bias_mode, dtype):
+    check(make_case(2, N, 2, 32, dtype, bias_mode, True, nW=2, cosine=False))
+
+
+def test_scaled_dot_product_is_the_official_v1_math():
+    """The reference's V1 form against the official expression, and the kernel against both."""
+    args = make_case(4, 49, 2, 32, torch.float32, "dense", True, nW=2, cosine=False)
+    official = scaled_dot_product64(args, 32 ** -0.5)
+    assert rel_err(reference64(args), official) < 1e-12
+    assert rel_err(fb.flash_bias_attention(**args, backend="triton"), official) < TOL[torch.float32]
+    cosine = reference64(dict(args, logit_scale=torch.zeros(2, device=DEVICE)))
+    assert rel_err(cosine, official) > 1e-2     # the two forms differ: the branch is taken
+
+
+@pytest.mark.parametrize("scale", [0.3, 32 ** -0.5 / 4])
+def test_scaled_dot_product_custom_scale(scale):
+    """An explicit scale (the official qk_scale) reaches the kernel."""
+    args = make_case(4, 49, 2, 32, torch.float16, "dense", True, nW=2, cosine=False)
+    out = fb.flash_bias_attention(**args, scale=scale, backend="triton")
+    assert rel_err(out, scaled_dot_product64(args, scale)) < TOL[torch.float16]
+    assert rel_err(out, scaled_dot_product64(args, 32 ** -0.5)) > 1e-2
+
+
+@pytest.mark.parametrize("head_dim", [16, 24, 64])
+def test_scaled_dot_product_head_dims(head_dim):
+    check(make_case(2, 49, 2, head_dim, torch.float16, "dense", True, nW=2, cosine=False))
+
+
+@pytest.mark.parametrize("image,window,shift,dtype,bias_mode", [
+    ((14, 14), (7, 7), 3, torch.float16, "dense"),
+    ((8, 8), (4, 4), 2, torch.bfloat16, "lowrank"),
+    ((12, 12), (12, 12), 0, torch.float32, "dense"),
+])
+def test_scaled_dot_product_image_layout(image, window, shift, dtype, bias_mode):
+    """V1 windows (7x7, 12x12) with the in-kernel cyclic shift and the official regions."""
+    args = make_case(2, window[0] * window[1], 2, 32, dtype, bias_mode, False, image=image, window=window,
+                     shift=shift, cosine=False)
+    if shift:
+        args["region_ids"] = fb.shifted_window_region_ids(image, window, shift).to(DEVICE)
+    check(args)
+
+
+def test_scaled_dot_product_zero_rows_and_isolated_tokens():
+    """A zero q row gives uniform scores (no normalisation to divide by zero), one-token regions."""
+    args = make_case(2, 49, 2, 32, torch.float16, "dense", True, nW=2, cosine=False)
+    args["qkv"][:, 3, :] = 0
+    args["region_ids"] = torch.arange(49, dtype=torch.int32, device=DEVICE).repeat(2, 1)
+    check(args)
+
+
+def test_scaled_dot_product_traces_in_torch_compile():
+    args = make_case(2, 49, 2, 32, torch.float16, "dense", True, nW=2, cosine=False)
+
+    def f(qkv, bias, region_ids):
+        return fb.flash_bias_attention(qkv, 2, bias=bias, region_ids=region_ids, scale=0.2, backend="triton") * 2
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(args["qkv"], args["bias"], args["region_ids"])
+    assert rel_err(out, 2 * scaled_dot_product64(args, 0.2)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(scale=0.1, logit_scale=torch.zeros(2)), "give logit_scale .* or scale .*, not both"),
+    (dict(scale=torch.tensor(0.1)), "scale must be a finite Python float"),
+    (dict(scale=float("inf")), "scale must be a finite Python float .*; got inf"),
+    (dict(scale="0.1"), "scale must be a finite Python float"),
+])
+def test_scale_arguments_name_the_problem(change, match):
+    args = make_case(2, 49, 2, 32, torch.float16, "dense", True, nW=2, cosine=False)
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match=match):
+            fb.flash_bias_attention(**args, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# add_layer_norm: Swin V1's residual add and the next pre-norm in one pass
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("C", [96, 128, 200])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float16, True), (torch.bfloat16, True), (torch.float32, False),
+                                            (torch.float16, False)])
+def test_add_layer_norm(C, dtype, autocast):
+    """s = x + branch and LayerNorm(s), against float64 and PyTorch's own expression."""
+    g = fresh_generator()
+    stream_dtype = torch.float32 if autocast else dtype     # under autocast the residual stream stays float32
+    x = (3 * torch.randn(2, 37, C, generator=g)).to(DEVICE, stream_dtype)
+    branch = (2 * torch.randn(2, 37, C, generator=g) + 0.5).to(DEVICE, dtype)
+    norm = torch.nn.LayerNorm(C).to(DEVICE, stream_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + 0.1 * torch.randn(C, generator=g))
+        norm.bias.copy_(0.02 * torch.randn(C, generator=g))
+    with torch.no_grad(), torch.autocast("cuda" if CUDA else "cpu", dtype=dtype, enabled=autocast):
+        total, normed = fb.add_layer_norm(x, branch, norm, backend="triton")
+        ref_total, ref_normed = fb.add_layer_norm(x, branch, norm, backend="torch")
+    assert (total.dtype, normed.dtype) == (ref_total.dtype, ref_normed.dtype) == (stream_dtype, dtype)
+    assert total.shape == normed.shape == x.shape
+    exact_total = x.double() + branch.double()
+    assert rel_err(total, exact_total) < (1e-7 if stream_dtype == torch.float32 else 1e-3)
+    # the norm of the sum as stored (rounded to its dtype), as PyTorch's separate LayerNorm reads it
+    exact_normed = torch.nn.functional.layer_norm(total.double(), (C,), norm.weight.double(), norm.bias.double(),
+                                                  norm.eps)
+    assert rel_err(normed, exact_normed) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel_err(normed, ref_normed.double()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_add_layer_norm_arguments():
+    residual, x, norm = layer_norm_case()
+    with pytest.raises(ValueError, match=r"add_layer_norm: x \(2, 5, 96\), branch \(2, 7, 96\) .* do not fit"):
+        fb.add_layer_norm(residual[:, :5], x, norm)
+    with pytest.raises(RuntimeError, match="add_layer_norm: the Triton kernel has no backward pass"):
+        fb.add_layer_norm(residual, x, norm, backend="triton")      # norm.weight requires grad
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="add_layer_norm: the Triton kernel computes in float32"):
+            fb.add_layer_norm(residual.double(), x.double(), norm.double(), backend="triton")
+        affine_free = torch.nn.LayerNorm(96, elementwise_affine=False).to(DEVICE)
+        with pytest.raises(ValueError, match="add_layer_norm: the Triton kernel needs an affine LayerNorm"):
+            fb.add_layer_norm(residual, x, affine_free, backend="triton")
+        total, normed = fb.add_layer_norm(residual, x, affine_free)  # "auto" falls back to PyTorch
+        assert torch.allclose(normed, torch.nn.functional.layer_norm(residual + x, (96,)))
+    with pytest.raises(ValueError, match="add_layer_norm: backend must be one of"):
+        fb.add_layer_norm(residual, x, norm, backend="trition")
+
+
+def test_add_layer_norm_traces_in_torch_compile():
+    residual, x, norm = layer_norm_case(C=200)
+    norm.requires_grad_(False)
+    compiled = torch.compile(lambda a, b: fb.add_layer_norm(a, b, norm, backend="triton"), backend="aot_eager",
+                             fullgraph=True)
+    total, normed = compiled(residual, x)
+    exact = torch.nn.functional.layer_norm(residual.double() + x.double(), (200,), norm.weight.double(),
+                                           norm.bias.double(), norm.eps)
+    assert rel_err(total, residual.double() + x.double()) < 1e-7 and rel_err(normed, exact) < 1e-6
