@@ -4,15 +4,18 @@
 # Licensed under The MIT License [see LICENSE for details]
 # Written by Ze Liu
 # --------------------------------------------------------
-# FlashBias patch: WindowAttention runs on a fused Triton kernel (flash_bias_triton.py, copied next to this
-# file) at inference; the official math stays in place for training and as the reference. Search "FlashBias".
+# FlashBias patch: at inference each block runs its window attention on a fused Triton kernel
+# (flash_bias_triton.py and flash_bias_factors.py, copied next to this file); the official math stays in place
+# for training and as the reference. Search "FlashBias".
 # --------------------------------------------------------
 
-import hashlib
-import json
+import collections
+import itertools
+import logging
 import math
 import os
-import re
+import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,10 +27,12 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
     from timm.models.layers import DropPath, to_2tuple, trunc_normal_
 import numpy as np
 
-try:  # FlashBias: inside the official `models` package, or as a top-level module
-    from .flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, residual_layer_norm
+try:  # FlashBias: inside the official `models` package, or as top-level modules
+    from .flash_bias_triton import bias_from_table, flash_bias_attention, residual_layer_norm
+    from . import flash_bias_factors as factor_files
 except ImportError:
-    from flash_bias_triton import flash_bias_attention, logit_error, low_rank_bias_factors, residual_layer_norm
+    from flash_bias_triton import bias_from_table, flash_bias_attention, residual_layer_norm
+    import flash_bias_factors as factor_files
 
 
 class Mlp(nn.Module):
@@ -94,12 +99,11 @@ class WindowAttention(nn.Module):
         proj_drop (float, optional): Dropout ratio of output. Default: 0.0
         pretrained_window_size (tuple[int]): The height and width of the window in pre-training.
 
-    FlashBias: with ``self.fused_attn`` (default True) the attention runs through ``flash_bias_attention``
-    (the fused Triton kernel on CUDA, its PyTorch reference elsewhere) with the relative position bias
-    derived once and cached (``flash_bias_operands``). The fused path is taken iff ``use_fused_attn(x)``:
-    ``fused_attn and not self.training and not (torch.is_grad_enabled() and (x or a parameter of this
-    module requires grad))`` -- e.g. main.py's validate() (model.eval() under torch.no_grad()). Training,
-    fine-tuning and anything that needs gradients run the official math below, unchanged.
+    FlashBias: ``forward_fused`` runs this attention through ``flash_bias_attention`` (the fused Triton kernel on
+    CUDA, its PyTorch reference elsewhere), with the bias given by ``self.flash_bias`` (a LayerBias). It is taken iff
+    ``use_fused_attn(x)``: ``fused_attn`` is set, the module is in eval mode and nothing needs a gradient -- e.g.
+    main.py's validate() (model.eval() under torch.no_grad()). Training, fine-tuning and anything that needs
+    gradients run the official math in ``forward``, unchanged.
     """
 
     def __init__(self, dim, window_size, num_heads, qkv_bias=True, attn_drop=0., proj_drop=0.,
@@ -161,141 +165,89 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.softmax = nn.Softmax(dim=-1)
 
-        # FlashBias: plain attributes, not in the state dict
+        # FlashBias: the fused path's switch (as timm's fused_attn) and this layer's bias state; not in the state dict
         self.fused_attn = True
-        self.flash_bias_rank_rule = None  # "exact" | "rank:R" | "energy:E" | "logit:L"; None: $FLASHBIAS_RANK
-        self.flash_bias_name = None  # qualified name in the model (set by SwinTransformerV2), for messages
-        self._flash_file_factors = None  # factors from a factor file (see load_bias_factors)
-        self._flash_cache = None  # derived bias / factors and the weights they came from
+        self.flash_bias = LayerBias()
 
-    def forward(self, x, mask=None, image_size=None, shift_size=0, region_ids=None):
+    def forward(self, x, mask=None):
         """
         Args:
-            x: input features with shape of (num_windows*B, N, C), or (B, H*W, C) in image order with image_size
+            x: input features with shape of (num_windows*B, N, C)
             mask: (0/-inf) mask with shape of (num_windows, Wh*Ww, Wh*Ww) or None
-            image_size, shift_size, region_ids: FlashBias image layout, fused path only: the kernel does the
-                cyclic shift, window partition / reverse and the shift mask (region_ids (nW, Wh*Ww)) itself.
         """
+        if mask is None and self.use_fused_attn(x):  # FlashBias: the fused kernel (a mask tensor: official math)
+            return self.forward_fused(x)
         B_, N, C = x.shape
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
         qkv = F.linear(input=x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # make torchscript happy (cannot use tensor as tuple)
 
-        if image_size is not None or ((mask is None or region_ids is not None) and self.use_fused_attn(x)):
-            # FlashBias: fused cosine attention + cached bias (+ shift mask from region ids)
-            x = flash_bias_attention(qkv, self.num_heads, self.logit_scale, region_ids=region_ids,
-                                     image_size=image_size, window_size=self.window_size, shift_size=shift_size,
-                                     **self.flash_bias_operands())
+        # cosine attention
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1))
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()  # FlashBias: math.log (see README)
+        attn = attn * logit_scale
+
+        relative_position_bias_table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        relative_position_bias = relative_position_bias_table[self.relative_position_index.view(-1)].view(
+            self.window_size[0] * self.window_size[1], self.window_size[0] * self.window_size[1], -1)  # Wh*Ww,Wh*Ww,nH
+        relative_position_bias = relative_position_bias.permute(2, 0, 1).contiguous()  # nH, Wh*Ww, Wh*Ww
+        relative_position_bias = 16 * torch.sigmoid(relative_position_bias)
+        attn = attn + relative_position_bias.unsqueeze(0)
+
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+            attn = self.softmax(attn)
         else:
-            qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]  # make torchscript happy (cannot use tensor as tuple)
+            attn = self.softmax(attn)
 
-            # cosine attention
-            attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1))
-            logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
-            attn = attn * logit_scale
+        attn = self.attn_drop(attn)
 
-            relative_position_bias_table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-            relative_position_bias = relative_position_bias_table[self.relative_position_index.view(-1)].view(
-                self.window_size[0] * self.window_size[1], self.window_size[0] * self.window_size[1], -1)  # Wh*Ww,Wh*Ww,nH
-            relative_position_bias = relative_position_bias.permute(2, 0, 1).contiguous()  # nH, Wh*Ww, Wh*Ww
-            relative_position_bias = 16 * torch.sigmoid(relative_position_bias)
-            attn = attn + relative_position_bias.unsqueeze(0)
-
-            if mask is not None:
-                nW = mask.shape[0]
-                attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-                attn = attn.view(-1, self.num_heads, N, N)
-                attn = self.softmax(attn)
-            else:
-                attn = self.softmax(attn)
-
-            attn = self.attn_drop(attn)
-
-            x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
+        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
         x = self.proj(x)
         x = self.proj_drop(x)
         return x
 
+    def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None):
+        """FlashBias: this attention on the fused kernel.
+
+        Args:
+            x: (num_windows*B, N, C) windows, or (B, H*W, C) in image order with image_size=(H, W): the kernel then
+                does the cyclic shift by shift_size and the window partition / reverse itself
+            region_ids: (num_windows, Wh*Ww) regions of the shift mask, or None
+        """
+        qkv_bias = None
+        if self.q_bias is not None:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
+        qkv = F.linear(input=x, weight=self.qkv.weight, bias=qkv_bias)
+        x = flash_bias_attention(qkv, self.num_heads, self.logit_scale, region_ids=region_ids, image_size=image_size,
+                                 window_size=self.window_size, shift_size=shift_size,
+                                 **self.flash_bias.operands(self, qkv))
+        return self.proj_drop(self.proj(x))
+
     def use_fused_attn(self, x):
-        """FlashBias switch: whether forward takes the fused path for input x (see the class docstring)."""
-        if not self.fused_attn or self.training:
+        """FlashBias: whether this attention runs fused for input x (see the class docstring). Tracing, scripting and
+        exporting (torch.jit, torch.export, torch.onnx) take the official math, which every exporter understands."""
+        if not self.fused_attn or self.training or _exporting():
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def _flash_weights(self):
-        return (self.cpb_mlp[0].weight, self.cpb_mlp[0].bias, self.cpb_mlp[2].weight,
-                self.relative_coords_table, self.relative_position_index)
-
-    def _flash_key(self):
-        # changes with .to() / .half() / .cuda() (new storage, dtype, device) and in-place writes such as
-        # load_state_dict (version counter)
-        key = [self.relative_coords_table.device]
-        for t in self._flash_weights():
-            try:
-                version = t._version
-            except RuntimeError:  # inference tensors have no version counter
-                version = -1
-            key.append((t.data_ptr(), version, t.dtype))
-        return tuple(key)
-
     @torch.no_grad()
-    def derive_bias_table(self):
-        """FlashBias: 16 * sigmoid(cpb_mlp(relative_coords_table)), the bias of each relative offset,
-        (num_heads, (2*Wh-1)*(2*Ww-1)) float32 on the buffers' device, no grad. Computed in float32 from upcast
-        weights (also under .half() or autocast)."""
+    def derive_bias(self, center_rows=False, dtype=torch.float32):
+        """FlashBias: the relative position bias 16 * sigmoid(cpb_mlp(relative_coords_table))[relative_position_index]
+        of the current weights, (num_heads, Wh*Ww, Wh*Ww) in dtype, no grad. The MLP runs in float32 from upcast
+        weights (also under .half() or autocast). center_rows: each row minus its midpoint (softmax ignores a row's
+        constant; it halves float16 rounding)."""
         w0, b0, w2 = self.cpb_mlp[0].weight, self.cpb_mlp[0].bias, self.cpb_mlp[2].weight
-        table = self.relative_coords_table
-        with torch.autocast(device_type=table.device.type, enabled=False):
-            hidden = F.relu(F.linear(table.float(), w0.float(), None if b0 is None else b0.float()))
-            table = F.linear(hidden, w2.float()).view(-1, self.num_heads)
-        return (16 * torch.sigmoid(table)).t().contiguous()
-
-    @torch.no_grad()
-    def derive_bias(self):
-        """FlashBias: the relative position bias, derive_bias_table() gathered by relative_position_index,
-        (num_heads, N, N) float32, no grad."""
-        N = self.window_size[0] * self.window_size[1]
-        return self.derive_bias_table()[:, self.relative_position_index.view(-1)].view(self.num_heads, N, N)
-
-    def flash_bias_operands(self):
-        """FlashBias: the bias keyword arguments of flash_bias_attention. Exact mode: {"bias": (H, N, N)}, on
-        CUDA float16 with each row centred (softmax ignores a row's constant; centring halves the rounding, and
-        float16 halves the kernel's bias reads), elsewhere float32 as derived; low-rank mode: {"bias_factors":
-        (q_bias, k_bias)} from a factor file or the rank rule. Cached in plain attributes and derived again
-        (factor files re-validated) when the weights, their dtype or device change."""
-        key = self._flash_key()
-        cache = self._flash_cache
-        if cache is not None and cache["key"] == key:
-            return cache["operands"]
-        with torch.no_grad():
-            weights = [t.detach() for t in self._flash_weights()[:4]]  # the (large) index: by key only
-            if (cache is not None and cache["key"][0] == key[0] and cache["key"][-1] == key[-1]
-                    and all(a[2] == b[2] for a, b in zip(cache["key"][1:], key[1:]))
-                    and all(torch.equal(a, b) for a, b in zip(cache["weights"], weights))):
-                cache["key"] = key  # rewritten with the same values (e.g. reloaded, a buffer broadcast)
-                return cache["operands"]
-            device = self.relative_position_index.device
-            operands = None
-            if self._flash_file_factors is not None:
-                q_bias, k_bias = _check_file_factors(self, self.derive_bias())
-                operands = {"bias_factors": (q_bias.to(device), k_bias.to(device))}
-            else:
-                if self.flash_bias_rank_rule is None:
-                    self.flash_bias_rank_rule = os.environ.get("FLASHBIAS_RANK", "exact")
-                rule = parse_rank_rule(self.flash_bias_rank_rule)
-                if rule is not None:
-                    q_bias, k_bias, _ = low_rank_bias_factors(self.derive_bias(), **rule)
-                    if q_bias is not None:
-                        operands = {"bias_factors": (q_bias, k_bias)}
-            if operands is None:
-                bias = self.derive_bias()
-                if device.type == "cuda":
-                    bias = (bias - (bias.amax(-1, keepdim=True) + bias.amin(-1, keepdim=True)) / 2).half()
-                operands = {"bias": bias}
-            self._flash_cache = {"key": key, "weights": [t.clone() for t in weights], "operands": operands}
-        return operands
+        coords = self.relative_coords_table
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            hidden = F.relu(F.linear(coords.reshape(-1, 2).float(), w0.float(), None if b0 is None else b0.float()))
+            table = F.linear(hidden, w2.float())  # (2*Wh-1)*(2*Ww-1), nH
+        return bias_from_table(table, self.relative_position_index, center_rows=center_rows, out_dtype=dtype)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, window_size={self.window_size}, ' \
@@ -394,47 +346,50 @@ class SwinTransformerBlock(nn.Module):
         B, L, C = x.shape
         assert L == H * W, "input feature has wrong size"
 
+        if self.attn.use_fused_attn(x):  # FlashBias: inference on the fused kernels
+            return self.forward_fused(x)
+
         shortcut = x
-        if self.attn.use_fused_attn(x):
-            # FlashBias: the kernel does the cyclic shift, window partition / reverse and the mask itself
-            x = self.attn(x, image_size=self.input_resolution, shift_size=self.shift_size,
-                          region_ids=self.region_ids)
-            # FlashBias: each residual + res-post-norm in one pass (drop path is the identity at inference);
-            # under autocast it also writes the half-precision copy the MLP's first matmul reads
-            x, x_low = residual_layer_norm(shortcut, x, self.norm1)
-            return residual_layer_norm(x, self.mlp(x if x_low is None else x_low), self.norm2)[0]
+        x = x.view(B, H, W, C)
+
+        # cyclic shift
+        if self.shift_size > 0:
+            shifted_x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         else:
-            x = x.view(B, H, W, C)
+            shifted_x = x
 
-            # cyclic shift
-            if self.shift_size > 0:
-                shifted_x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-            else:
-                shifted_x = x
+        # partition windows
+        x_windows = window_partition(shifted_x, self.window_size)  # nW*B, window_size, window_size, C
+        x_windows = x_windows.view(-1, self.window_size * self.window_size, C)  # nW*B, window_size*window_size, C
 
-            # partition windows
-            x_windows = window_partition(shifted_x, self.window_size)  # nW*B, window_size, window_size, C
-            x_windows = x_windows.view(-1, self.window_size * self.window_size, C)  # nW*B, window_size*window_size, C
+        # W-MSA/SW-MSA
+        attn_windows = self.attn(x_windows, mask=self.attn_mask)  # nW*B, window_size*window_size, C
 
-            # W-MSA/SW-MSA
-            attn_windows = self.attn(x_windows, mask=self.attn_mask)  # nW*B, window_size*window_size, C
+        # merge windows
+        attn_windows = attn_windows.view(-1, self.window_size, self.window_size, C)
+        shifted_x = window_reverse(attn_windows, self.window_size, H, W)  # B H' W' C
 
-            # merge windows
-            attn_windows = attn_windows.view(-1, self.window_size, self.window_size, C)
-            shifted_x = window_reverse(attn_windows, self.window_size, H, W)  # B H' W' C
-
-            # reverse cyclic shift
-            if self.shift_size > 0:
-                x = torch.roll(shifted_x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-            else:
-                x = shifted_x
-            x = x.view(B, H * W, C)
+        # reverse cyclic shift
+        if self.shift_size > 0:
+            x = torch.roll(shifted_x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        else:
+            x = shifted_x
+        x = x.view(B, H * W, C)
         x = shortcut + self.drop_path(self.norm1(x))
 
         # FFN
         x = x + self.drop_path(self.norm2(self.mlp(x)))
 
         return x
+
+    def forward_fused(self, x):
+        """FlashBias: the block at inference. The attention kernel does the cyclic shift, the window partition /
+        reverse and the shift mask itself; each residual + res-post-norm is one pass (drop path is the identity at
+        inference), which under autocast also writes the half-precision copy the next matmul reads."""
+        attn = self.attn.forward_fused(x, image_size=self.input_resolution, shift_size=self.shift_size,
+                                       region_ids=self.region_ids)
+        x, x_low = residual_layer_norm(x, attn, self.norm1)
+        return residual_layer_norm(x, self.mlp(x if x_low is None else x_low), self.norm2)[0]
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, " \
@@ -656,9 +611,8 @@ class SwinTransformerV2(nn.Module):
         use_checkpoint (bool): Whether to use checkpointing to save memory. Default: False
         pretrained_window_sizes (tuple(int)): Pretrained window sizes of each layer.
 
-    FlashBias: see WindowAttention for the fused path and ``set_flash_bias`` for how each layer's bias is
-    given to the kernel (exact, a rank rule, or factor files). Nothing is read from disk or the environment
-    before the first forward in eval mode.
+    FlashBias: see WindowAttention for the fused path, and ``set_flash_bias`` / FlashBiasSettings for how each
+    layer's bias is given to the kernel (exact, a rank rule, or factor files).
     """
 
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000,
@@ -722,63 +676,29 @@ class SwinTransformerV2(nn.Module):
         for bly in self.layers:
             bly._init_respostnorm()
 
-        # FlashBias: plain attributes, not in the state dict
-        self.flash_bias_rank_rule = None  # None: $FLASHBIAS_RANK at first use, else "exact"
-        self.flash_bias_factors_path = None  # None: $FLASHBIAS_FACTORS_DIR or ./decomposed_bias at first use
-        self._flash_bias_resolved = False
+        # FlashBias: the settings object (not in the state dict); each layer's bias state knows its name for messages
+        self.flash_bias_settings = FlashBiasSettings()
         for name, attn in window_attention_layers(self):
-            attn.flash_bias_name = name
+            attn.flash_bias.name = name
 
-    def set_flash_bias(self, rank_rule=None, factors_path=None, fused=None):
-        """FlashBias settings; applied lazily at the next eval forward (weights may still be loaded).
+    def set_flash_bias(self, rank_rule=None, factors_path=None, fused=None, cuda_graphs=None):
+        """FlashBias settings, applied at the next fused forward (so a checkpoint can still be loaded first).
 
         Args:
-            rank_rule: how a layer without factor files gets its bias: "exact" (dense, the default),
-                "rank:R" (SVD, fixed rank), "energy:E" (smallest rank keeping E of the energy, the seed's rule),
-                "logit:L" (smallest rank with max logit error <= L, else exact). None: $FLASHBIAS_RANK or "exact".
-            factors_path: a factor folder or file (see load_bias_factors); files take precedence over the rank
-                rule. None: $FLASHBIAS_FACTORS_DIR or ./decomposed_bias if present; False: ignore factor files.
+            rank_rule: how a layer without factor files gets its bias: "exact" (dense, the default), "rank:R" (SVD,
+                fixed rank), "energy:E" (the smallest rank keeping E of the spectral energy, the FlashBias paper's
+                rule), "logit:L" (the smallest rank with max logit error <= L, else exact). None: $FLASHBIAS_RANK.
+            factors_path: a factor folder or file (see load_bias_factors); files take precedence over the rank rule.
+                None: $FLASHBIAS_FACTORS_DIR, else ./decomposed_bias if it holds factor files; False: no files.
             fused: set every WindowAttention's fused_attn flag (None: leave them).
+            cuda_graphs: replay the fused forward from CUDA graphs (see ForwardGraphs). None: $FLASHBIAS_CUDA_GRAPHS
+                ("0" off), else on.
         """
-        if rank_rule is not None:
-            parse_rank_rule(rank_rule)
-        self.flash_bias_rank_rule = rank_rule
-        self.flash_bias_factors_path = factors_path
-        self._flash_bias_resolved = False
+        self.flash_bias_settings = FlashBiasSettings(rank_rule, factors_path, cuda_graphs)
         for _, attn in window_attention_layers(self):
-            attn.flash_bias_rank_rule = rank_rule
-            attn._flash_file_factors = None
-            attn._flash_cache = None
+            attn.flash_bias = LayerBias(attn.flash_bias.name)  # exact until the settings are resolved
             if fused is not None:
                 attn.fused_attn = bool(fused)
-
-    def _resolve_flash_bias(self):
-        # factor files and the rank rule, read at first use (never at import or construction). A layer's own
-        # rule (WindowAttention.flash_bias_rank_rule) is kept unless set_flash_bias gave one; None there means
-        # $FLASHBIAS_RANK, read by the layer when it first derives its bias.
-        layers = window_attention_layers(self)
-        rule = self.flash_bias_rank_rule
-        if rule is not None:
-            parse_rank_rule(rule)
-        path = self.flash_bias_factors_path
-        found = None
-        if path is not False:
-            found = _find_factor_files(default_factors_dir() if path is None else path)
-            if found is None and path is not None:
-                raise FileNotFoundError(f"FlashBias: no factor files (bias_factors.npz or "
-                                        f"swin_v2_*_q_bias_<i>.npy) at {path}")
-        if found is not None:
-            load_bias_factors(self, found[0])
-        else:
-            for _, attn in layers:
-                if attn._flash_file_factors is not None:
-                    attn._flash_file_factors = None
-                    attn._flash_cache = None
-                if rule is not None and attn.flash_bias_rank_rule != rule:
-                    attn.flash_bias_rank_rule = rule
-                    attn._flash_cache = None
-        self.flash_bias_factors_path = path
-        self._flash_bias_resolved = True
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -798,9 +718,8 @@ class SwinTransformerV2(nn.Module):
         return {"cpb_mlp", "logit_scale", 'relative_position_bias_table'}
 
     def forward_features(self, x):
-        if not self._flash_bias_resolved and not self.training and not (
-                torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            self._resolve_flash_bias()  # FlashBias: rank rule and factor files, once
+        if not self.flash_bias_settings.resolved and self.layers[0].blocks[0].attn.use_fused_attn(x):
+            self.flash_bias_settings.resolve(window_attention_layers(self))  # FlashBias: once, at the first fused forward
         x = self.patch_embed(x)
         if self.ape:
             x = x + self.absolute_pos_embed
@@ -815,6 +734,9 @@ class SwinTransformerV2(nn.Module):
         return x
 
     def forward(self, x):
+        replayed = self.flash_bias_settings.replay(self, x)  # FlashBias: this forward from a CUDA graph, or None
+        if replayed is not None:
+            return replayed
         x = self.forward_features(x)
         x = self.head(x)
         return x
@@ -830,38 +752,343 @@ class SwinTransformerV2(nn.Module):
 
 
 # --------------------------------------------------------
-# FlashBias: rank rules and bias factor files
+# FlashBias: each layer's bias state, the model's settings, factor files
 # --------------------------------------------------------
-FACTORS_FORMAT = "flashbias-swinv2-factors-v1"
-FACTORS_FILE = "bias_factors.npz"
-# seed-named factors carry no checksum: they are checked against the bias derived from the current weights
-SEED_FACTORS_MAX_LOGIT_ERROR = 2.0
-_SEED_NAME = re.compile(r"^swin_v2_(\w+?)_q_bias_(\d+)\.npy$")
+_logger = logging.getLogger("flash_bias")
 
 
-def parse_rank_rule(rule):
-    """"exact" -> None; "rank:16" / "energy:0.995" / "logit:0.05" -> keyword arguments of
-    low_rank_bias_factors. Raises ValueError for anything else."""
-    text = str(rule).strip().lower()
-    if text == "exact":
-        return None
-    kind, _, value = text.partition(":")
-    try:
-        if kind == "rank":
-            return {"rank": int(value)}
-        if kind == "energy":
-            return {"energy": float(value)}
-        if kind == "logit":
-            return {"max_logit_error": float(value)}
-    except ValueError:
-        pass
-    raise ValueError(f"FlashBias: bad rank rule {rule!r}; use 'exact', 'rank:R', 'energy:E' or 'logit:L' "
-                     f"(e.g. FLASHBIAS_RANK=logit:0.05)")
+def _log(message, level=logging.INFO):
+    """Rank 0 only. Shown by default, as the official main.py shows its own messages (on stdout, unless the
+    application configured logging itself); silence with logging.getLogger("flash_bias").setLevel(logging.WARNING)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    if not _logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s flash_bias] %(levelname)s %(message)s"))
+        _logger.addHandler(handler)
+        _logger.propagate = False
+    if _logger.level == logging.NOTSET:
+        _logger.setLevel(logging.INFO)
+    _logger.log(level, message)
 
 
-def default_factors_dir():
-    """$FLASHBIAS_FACTORS_DIR, else ./decomposed_bias of the current directory (read when called)."""
-    return os.environ.get("FLASHBIAS_FACTORS_DIR") or os.path.abspath("decomposed_bias")
+def _exporting():
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export())
+
+
+def _cpb_weights(attn):
+    """What a layer's bias is derived from."""
+    return (attn.cpb_mlp[0].weight, attn.cpb_mlp[0].bias, attn.cpb_mlp[2].weight, attn.relative_coords_table,
+            attn.relative_position_index)
+
+
+def cpb_checksum(attn):
+    """sha256 hex of cpb_mlp[0].weight, cpb_mlp[0].bias, cpb_mlp[2].weight, relative_coords_table and
+    relative_position_index as float32 bytes: the weights a layer's bias is derived from."""
+    return factor_files.weights_checksum(_cpb_weights(attn))
+
+
+class WeightStamp(NamedTuple):
+    """The weights a layer's low-rank factors were made for: device, dtypes and values (compared by value, so
+    in-place writes that bypass the version counter, e.g. through .data or in inference mode, are seen)."""
+    device: torch.device
+    dtypes: tuple
+    values: torch.Tensor  # every weight flattened into one float32 vector
+
+    @classmethod
+    def of(cls, attn):
+        weights = _cpb_weights(attn)
+        values = torch.cat([t.detach().reshape(-1).float() for t in weights])
+        return cls(weights[0].device, tuple(t.dtype for t in weights), values)
+
+    def matches(self, attn):
+        now = WeightStamp.of(attn)
+        return (now.device, now.dtypes) == (self.device, self.dtypes) and torch.equal(now.values, self.values)
+
+
+class LayerBias:
+    """FlashBias: how one WindowAttention gives its relative position bias to the kernel (not in the state dict).
+
+    exact (the default): derived from the current weights in every fused forward (three small launches per
+        layer), so no route new weights take -- load_state_dict, writes through .data, inference mode, .half() --
+        can leave it stale;
+    low-rank: factors (q_bias, k_bias), each (H, N, R), from a rank rule (``rule``) or a factor-file record
+        (``record``), made for the weights in ``stamp``. Every fused forward compares the weights with the stamp
+        (one small comparison and a host sync per layer); when they differ, a rule decomposes again and a file's
+        record is checked again: its checksum must still match, else ValueError naming the layer.
+    """
+
+    def __init__(self, name="WindowAttention", rule=None, record=None, source=None):
+        self.name = name  # qualified name in the model, for messages
+        self.rule = rule  # keyword arguments of low_rank_bias_factors, or None
+        self.record = record  # flash_bias_factors.LayerFactors with factors, or None
+        self.source = source  # the rule's text or the factor file, for messages
+        self.accepted_checksums = {record.checksum} if record is not None and record.checksum else set()
+        self.stamp = None
+        self.factors = None  # (q_bias, k_bias) float32 on the weights' device; None: exact
+        self.factors_by_dtype = {}  # the same as kernel operands, per dtype
+        self.max_logit_error = None  # of the factors, against the bias of the stamped weights
+
+    @property
+    def low_rank(self):
+        return self.rule is not None or self.record is not None
+
+    def operands(self, attn, qkv):
+        """The bias keyword arguments of flash_bias_attention for attn and this qkv."""
+        kernel = qkv.is_cuda and qkv.dtype != torch.float64
+        if self.low_rank:
+            if self.stamp is None or not self.stamp.matches(attn):
+                self.prepare(attn)
+            if self.factors is not None:
+                dtype = qkv.dtype if kernel else torch.float32
+                if dtype not in self.factors_by_dtype:
+                    self.factors_by_dtype[dtype] = tuple(f.to(dtype).contiguous() for f in self.factors)
+                return {"bias_factors": self.factors_by_dtype[dtype]}
+        # for the kernel float16 with centred rows: half the bias reads, half the rounding
+        return {"bias": attn.derive_bias(center_rows=kernel, dtype=torch.float16 if kernel else torch.float32)}
+
+    def prepare(self, attn):
+        """Make the low-rank factors for attn's current weights (a rule), or check the file's (a record)."""
+        stamp, bias = WeightStamp.of(attn), attn.derive_bias()
+        if self.record is not None:
+            q_bias, k_bias = self.record.q_bias, self.record.k_bias
+            error = factor_files.logit_error(bias, q_bias.to(bias) @ k_bias.to(bias).transpose(-2, -1))[0]
+            self._check_record(attn, error)
+        else:
+            q_bias, k_bias, info = factor_files.low_rank_bias_factors(bias, **self.rule)
+            error = info["max_logit_error"]
+        self.factors = None if q_bias is None else (q_bias.to(bias.device), k_bias.to(bias.device))
+        self.factors_by_dtype = {}
+        self.max_logit_error = None if q_bias is None else error
+        self.stamp = stamp
+
+    def _check_record(self, attn, error):
+        checksum = cpb_checksum(attn)
+        if checksum in self.accepted_checksums:
+            if checksum == self.record.checksum:  # the same weights rounded by .half() / .bfloat16() later: accepted
+                self.accepted_checksums |= {factor_files.weights_checksum(
+                    [t.to(dt) if t.is_floating_point() else t for t in _cpb_weights(attn)])
+                    for dt in (torch.float16, torch.bfloat16)}
+            return
+        rounded = any(t.dtype in (torch.float16, torch.bfloat16) for t in _cpb_weights(attn))
+        if self.record.checksum is not None and not rounded:
+            raise ValueError(
+                f"FlashBias: layer {self.name}: the bias factors from {self.source} were computed for other weights "
+                f"(checksum {self.record.checksum[:12]}..., weights now {checksum[:12]}...). Decompose the bias of "
+                f"these weights again, or remove the factor files.")
+        # no checksum (the published code's files), or weights rounded to half precision: judged by the error
+        if not error <= factor_files.PUBLISHED_MAX_LOGIT_ERROR:
+            raise ValueError(
+                f"FlashBias: layer {self.name}: the bias factors from {self.source} do not match this layer's weights "
+                f"(max logit error {error:.3g} > {factor_files.PUBLISHED_MAX_LOGIT_ERROR}); they come from other "
+                f"weights. Decompose the bias of these weights again, or remove the factor files.")
+
+    def describe(self):
+        return {"name": self.name, "mode": "exact" if self.factors is None else "low-rank",
+                "rank": None if self.factors is None else int(self.factors[0].shape[-1]),
+                "source": self.source if self.factors is not None else None, "max_logit_error": self.max_logit_error}
+
+
+class FlashBiasSettings:
+    """FlashBias: a model's settings (``set_flash_bias``, else the environment), resolved once at the first fused
+    forward: nothing is read from disk or the environment at import or construction, so a checkpoint can be loaded
+    first, as the official main.py does.
+
+    rank_rule: "exact" | "rank:R" | "energy:E" | "logit:L" (flash_bias_factors.parse_rank_rule); None:
+        $FLASHBIAS_RANK, else exact.
+    factors_path: a factor file or folder; its factors take precedence over the rank rule. None:
+        $FLASHBIAS_FACTORS_DIR (which must then hold factor files), else ./decomposed_bias of the working directory
+        if it holds factor files; False: no factor files.
+    """
+
+    def __init__(self, rank_rule=None, factors_path=None, cuda_graphs=None):
+        if rank_rule is not None:
+            factor_files.parse_rank_rule(rank_rule)
+        self.rank_rule = rank_rule
+        self.factors_path = factors_path
+        self.cuda_graphs = cuda_graphs
+        self.resolved = False
+        self.layers = []  # the WindowAttention layers, once resolved
+        self.graphs = ForwardGraphs()
+
+    def replay(self, model, x):
+        """The model's output for x replayed from a CUDA graph, or None to run eagerly: graphs are on, x is on CUDA,
+        the settings are resolved (the first forward runs eagerly), every layer runs fused with the exact bias (a
+        low-rank layer's weight check needs the host), and nothing trains, needs a gradient, traces or compiles."""
+        if not (self.cuda_graphs and x.is_cuda and self.resolved) or self.graphs.capturing:
+            return None
+        if not self.layers[0].use_fused_attn(x) or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return None
+        if torch.compiler.is_compiling() or any(attn.flash_bias.low_rank or not attn.fused_attn for attn in self.layers):
+            return None
+        return self.graphs.run(model, x)
+
+    def resolve(self, layers):
+        """Give every layer of [(name, WindowAttention)] its bias state, all checked before any is installed,
+        and say once which bias the model runs."""
+        rule_text = self.rank_rule if self.rank_rule is not None else os.environ.get("FLASHBIAS_RANK", "exact")
+        rule = factor_files.parse_rank_rule(rule_text)
+        found = self._read_factor_file()
+        if found is not None:
+            records = _match_records(found, layers)
+            states = [LayerBias(name, record=records.get(i), source=found.path if i in records else None)
+                      for i, (name, _) in enumerate(layers)]
+        else:
+            states = [LayerBias(name, rule=rule, source=None if rule is None else f"rank rule {rule_text}")
+                      for name, _ in layers]
+        for state, (_, attn) in zip(states, layers):
+            if state.low_rank:
+                state.prepare(attn)
+        for state, (_, attn) in zip(states, layers):
+            attn.flash_bias = state
+        if self.cuda_graphs is None:
+            self.cuda_graphs = os.environ.get("FLASHBIAS_CUDA_GRAPHS", "1") != "0"
+        self.layers = [attn for _, attn in layers]
+        self.resolved = True
+        _log_bias_modes(states)
+
+    def _read_factor_file(self):
+        path = self.factors_path
+        if path is False:
+            return None
+        if path is None:
+            path = os.environ.get("FLASHBIAS_FACTORS_DIR")  # when set, it must hold factor files
+            if not path:
+                default = os.path.abspath("decomposed_bias")
+                if not os.path.isdir(default) or factor_files.find_factor_files(default) is None:
+                    return None
+                path = default
+        return factor_files.read_factor_file(os.fspath(path))
+
+
+class ForwardGraphs:
+    """FlashBias: a model's fused forward captured in CUDA graphs and replayed: one launch instead of ~500 whose
+    host time, not the GPU, bounded small batches.
+
+    One graph per (input shape, dtype, device, autocast state), captured the second time that key is seen (a
+    one-off shape, such as an eval loop's partial last batch, runs eagerly and costs no graph memory); at most
+    MAX_GRAPHS, the least recently used dropped. All share one memory pool. The input is copied into the graph's
+    buffer and the output cloned out, so a result the caller keeps is never overwritten by a later replay.
+
+    The graphs read every parameter and buffer where it was at capture: when any gets new storage (.to(),
+    .half(), a reassigned Parameter, load_state_dict(assign=True)) all graphs are dropped. In-place updates need
+    nothing: the exact bias is derived inside the graph, from the weights as they are at each replay.
+    """
+    MAX_GRAPHS = 4
+
+    def __init__(self, capture=None):
+        self.capture = capture or _capture_cuda_graph  # tests give a fake
+        self.entries = collections.OrderedDict()  # key -> (replay, static input, static output)
+        self.seen = collections.OrderedDict()  # keys seen once, not captured yet
+        self.storage = None
+        self.pool = None
+        self.capturing = False
+
+    def run(self, model, x):
+        """model(x) from a graph, or None: run eagerly (a key seen the first time)."""
+        storage = _storage_signature(model)
+        if storage != self.storage:
+            self.entries.clear()
+            self.storage, self.pool = storage, None
+        key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, _autocast_state())
+        entry = self.entries.get(key)
+        if entry is None:
+            if key not in self.seen:
+                self.seen[key] = True
+                while len(self.seen) > 4 * self.MAX_GRAPHS:
+                    self.seen.popitem(last=False)
+                return None
+            entry = self._capture(model, x, key)
+        self.entries.move_to_end(key)
+        replay, static_input, static_output = entry
+        static_input.copy_(x)
+        replay()
+        return static_output.clone()
+
+    def _capture(self, model, x, key):
+        while len(self.entries) >= self.MAX_GRAPHS:
+            self.entries.popitem(last=False)
+        static_input = x.clone()
+        enabled, dtype, _ = key[-1]
+        self.capturing = True
+        try:
+            # autocast's weight-cast cache would hand the graph casts made outside it: cast inside, every replay
+            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                replay, static_output, self.pool = self.capture(lambda: model(static_input), self.pool)
+        finally:
+            self.capturing = False
+        self.entries[key] = (replay, static_input, static_output)
+        self.seen.pop(key, None)
+        return self.entries[key]
+
+
+def _capture_cuda_graph(fn, pool):
+    """(replay, output, pool) of fn captured in a torch.cuda.CUDAGraph, after one warm-up call on a side stream (Triton
+    compiles, cuBLAS allocates its workspace) as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # thread-local: a data loader's pin-memory thread may use CUDA while the main thread captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = fn()
+    return graph.replay, output, graph.pool()
+
+
+def _storage_signature(model):
+    return tuple((t.data_ptr(), t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _autocast_state():
+    return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            torch.backends.cuda.matmul.allow_tf32)
+
+
+def _match_records(found, layers):
+    """{layer index: record with factors} of a factor file, after checking that it fits the model's layers."""
+    if found.num_layers is not None and found.num_layers != len(layers):
+        raise factor_files.FactorFileError(f"FlashBias: {found.path} has {found.num_layers} layers, the model "
+                                           f"{len(layers)}")
+    matched = {}
+    for i, record in found.layers.items():
+        if i >= len(layers):
+            raise factor_files.FactorFileError(f"FlashBias: {found.path}: factors for layer {i}, but the model has "
+                                               f"{len(layers)} layers")
+        name, attn = layers[i]
+        if record.name is not None and record.name != name:
+            raise factor_files.FactorFileError(f"FlashBias: {found.path}: layer {i} is {record.name!r}, the model's "
+                                               f"is {name!r}")
+        if record.q_bias is None:
+            continue
+        heads, tokens = attn.num_heads, attn.window_size[0] * attn.window_size[1]
+        if tuple(record.q_bias.shape[:2]) != (heads, tokens):
+            raise factor_files.FactorFileError(
+                f"FlashBias: {found.path}: layer {i} ({name}): q_bias has shape {tuple(record.q_bias.shape)}, "
+                f"expected ({heads}, {tokens}, R)")
+        matched[i] = record
+    return matched
+
+
+def _log_bias_modes(states):
+    low = [s for s in states if s.factors is not None]
+    if not low:
+        _log(f"FlashBias: exact bias in all {len(states)} attention layers")
+        return
+    ranks = [s.factors[0].shape[-1] for s in low]
+    worst = max(low, key=lambda s: s.max_logit_error)
+    message = (f"FlashBias: low-rank bias factors from {worst.source} in {len(low)} of {len(states)} attention "
+               f"layers (rank {min(ranks)}-{max(ranks)})"
+               + (f", the exact bias in the other {len(states) - len(low)}" if len(low) < len(states) else "")
+               + f"; worst logit error {worst.max_logit_error:.3g} in {worst.name}")
+    if worst.max_logit_error > factor_files.LARGE_LOGIT_ERROR:
+        _log(message + f" (above {factor_files.LARGE_LOGIT_ERROR}: outputs will differ visibly from the exact "
+             f"model; decompose with scripts/decompose_bias.py --max-logit-error, or run exact: FLASHBIAS_RANK=exact "
+             f"and no factor files)", logging.WARNING)
+    else:
+        _log(message)
 
 
 def _unwrap(model):
@@ -879,198 +1106,51 @@ def window_attention_layers(model):
     return [(name, m) for name, m in _unwrap(model).named_modules() if isinstance(m, WindowAttention)]
 
 
-def _checksum(tensors):
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def cpb_checksum(attn):
-    """sha256 hex of cpb_mlp[0].weight, cpb_mlp[0].bias, cpb_mlp[2].weight, relative_coords_table,
-    relative_position_index, each as float32 bytes: what a layer's bias is derived from."""
-    return _checksum(attn._flash_weights())
-
-
-def _rounded_checksums(attn):
-    # the same weights after .half() / .bfloat16() (and back): accepted as matching
-    return {_checksum([t.to(dt) if t.is_floating_point() else t for t in attn._flash_weights()])
-            for dt in (torch.float16, torch.bfloat16)}
-
-
-def _layer_name(attn):
-    return attn.flash_bias_name or "WindowAttention"
-
-
-def _factor_error(attn, bias, q_bias, k_bias):
-    approx = q_bias.to(bias.device, torch.float32) @ k_bias.to(bias.device, torch.float32).transpose(-2, -1)
-    return logit_error(bias, approx)[0]
-
-
-def _check_file_factors(attn, bias):
-    """Factors of a factor file still belong to attn's current weights? Returns them or raises ValueError."""
-    ff = attn._flash_file_factors
-    if ff["checksums"] is not None:
-        checksum = cpb_checksum(attn)
-        if checksum in ff["checksums"]:
-            return ff["q_bias"], ff["k_bias"]
-        low_precision = any(t.dtype in (torch.float16, torch.bfloat16) for t in attn._flash_weights())
-        if not low_precision:
-            raise ValueError(
-                f"FlashBias: layer {_layer_name(attn)}: the bias factors from {ff['source']} were computed for "
-                f"other weights (checksum {ff['checksums_file'][:12]}..., weights now {checksum[:12]}...). "
-                f"Decompose the bias of these weights again, or remove the factor files.")
-    # no checksum (seed naming), or weights rounded to half precision: compare with the derived bias
-    error = _factor_error(attn, bias, ff["q_bias"], ff["k_bias"])
-    if not error <= SEED_FACTORS_MAX_LOGIT_ERROR:
-        raise ValueError(
-            f"FlashBias: layer {_layer_name(attn)}: the bias factors from {ff['source']} do not match this "
-            f"layer's weights (max logit error {error:.3g} > {SEED_FACTORS_MAX_LOGIT_ERROR}); they come from "
-            f"other weights. Decompose the bias of these weights again, or remove the factor files.")
-    return ff["q_bias"], ff["k_bias"]
-
-
-def _find_factor_files(path):
-    """(file or folder, "npz" | "seed") for the factor files at path, or None when there are none."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return (path, "npz") if path.endswith(".npz") else (path, "seed")
-    if os.path.isfile(os.path.join(path, FACTORS_FILE)):
-        return os.path.join(path, FACTORS_FILE), "npz"
-    if os.path.isdir(path) and any(_SEED_NAME.match(f) for f in os.listdir(path)):
-        return path, "seed"
-    return None
-
-
-def _check_shape(name, i, attn, q_bias, k_bias):
-    H, N = attn.num_heads, attn.window_size[0] * attn.window_size[1]
-    for what, f in (("q_bias", q_bias), ("k_bias", k_bias)):
-        if f.ndim != 3 or tuple(f.shape[:2]) != (H, N) or not 1 <= f.shape[2] <= 128:
-            raise ValueError(f"FlashBias: layer {i} ({name}): {what} has shape {tuple(f.shape)}, expected "
-                             f"({H}, {N}, R) with 1 <= R <= 128")
-    if q_bias.shape != k_bias.shape:
-        raise ValueError(f"FlashBias: layer {i} ({name}): q_bias {tuple(q_bias.shape)} and k_bias "
-                         f"{tuple(k_bias.shape)} differ")
-
-
-def _read_npz(file, layers):
-    entries = {}
-    with np.load(file, allow_pickle=False) as z:
-        keys = set(z.files)
-        fmt = str(z["format"]) if "format" in keys else None
-        if fmt != FACTORS_FORMAT:
-            raise ValueError(f"FlashBias: {file}: format {fmt!r}, expected {FACTORS_FORMAT!r}")
-        if "num_layers" not in keys:
-            raise ValueError(f"FlashBias: {file}: no num_layers")
-        num_layers = int(z["num_layers"])
-        if num_layers != len(layers):
-            raise ValueError(f"FlashBias: {file} has {num_layers} layers, the model {len(layers)}")
-        for i, (name, attn) in enumerate(layers):
-            file_name = str(z[f"layer{i}_name"]) if f"layer{i}_name" in keys else None
-            if file_name != name:
-                raise ValueError(f"FlashBias: {file}: layer {i} is {file_name!r}, the model's is {name!r}")
-            has_q, has_k = f"layer{i}_q_bias" in keys, f"layer{i}_k_bias" in keys
-            if has_q != has_k:
-                raise ValueError(f"FlashBias: {file}: layer {i} ({name}) has only one of q_bias / k_bias")
-            if not has_q:
-                continue  # exact mode for this layer
-            if f"layer{i}_checksum" not in keys:
-                raise ValueError(f"FlashBias: {file}: layer {i} ({name}) has no checksum")
-            q_bias, k_bias = z[f"layer{i}_q_bias"], z[f"layer{i}_k_bias"]
-            _check_shape(name, i, attn, q_bias, k_bias)
-            entries[i] = (torch.from_numpy(np.ascontiguousarray(q_bias, np.float32)),
-                          torch.from_numpy(np.ascontiguousarray(k_bias, np.float32)),
-                          str(z[f"layer{i}_checksum"]))
-    return entries
-
-
-def _read_seed(folder, layers):
-    found = {}
-    for f in sorted(os.listdir(folder)):
-        m = _SEED_NAME.match(f)
-        if m:
-            i = int(m.group(2))
-            if i in found:
-                raise ValueError(f"FlashBias: {folder}: several swin_v2_*_q_bias_{i}.npy files")
-            found[i] = os.path.join(folder, f)
-    entries = {}
-    for i, q_file in sorted(found.items()):
-        if i >= len(layers):
-            raise ValueError(f"FlashBias: {q_file}: layer {i}, but the model has {len(layers)} layers")
-        name, attn = layers[i]
-        k_file = q_file[:-len(f"_q_bias_{i}.npy")] + f"_k_bias_{i}.npy"
-        if not os.path.isfile(k_file):
-            raise ValueError(f"FlashBias: layer {i} ({name}): {q_file} has no {os.path.basename(k_file)}")
-        q_bias, k_bias = np.load(q_file, allow_pickle=False), np.load(k_file, allow_pickle=False)
-        _check_shape(name, i, attn, q_bias, k_bias)
-        entries[i] = (torch.from_numpy(np.ascontiguousarray(q_bias, np.float32)),
-                      torch.from_numpy(np.ascontiguousarray(k_bias, np.float32)), None)
-    return entries
+def flash_bias_summary(model):
+    """Per attention layer: {"name", "mode": "exact" | "low-rank", "rank", "source", "max_logit_error"}
+    (the model's settings are resolved first if no fused forward has done it yet)."""
+    inner = _unwrap(model)
+    layers = window_attention_layers(inner)
+    settings = getattr(inner, "flash_bias_settings", None)
+    if settings is not None and not settings.resolved:
+        settings.resolve(layers)
+    return [attn.flash_bias.describe() for _, attn in layers]
 
 
 def load_bias_factors(model, path=None):
     """Load FlashBias factor files into the model's WindowAttention layers and use them from now on.
 
-    path: a bias_factors.npz file or a folder holding it (or the seed's swin_v2_*_{q,k}_bias_<i>.npy files);
-    None: default_factors_dir(). Everything is validated against the model's current weights (format, layer
-    count, names, shapes, checksums; seed-named files by their logit error) before anything is installed:
-    any mismatch raises ValueError naming the layer. Layers without factors use the exact bias.
-    Returns {layer_index: (q_bias, k_bias)}."""
-    target = default_factors_dir() if path is None else path
-    found = _find_factor_files(target)
-    if found is None:
-        raise FileNotFoundError(f"FlashBias: no factor files ({FACTORS_FILE} or swin_v2_*_q_bias_<i>.npy) at {target}")
-    source, kind = found
-    layers = window_attention_layers(model)
-    entries = _read_npz(source, layers) if kind == "npz" else _read_seed(source, layers)
-    installs = {}
-    for i, (q_bias, k_bias, checksum) in entries.items():
-        name, attn = layers[i]
-        ff = {"q_bias": q_bias, "k_bias": k_bias, "source": source, "checksums": None, "checksums_file": checksum}
-        if checksum is not None:
-            ff["checksums"] = {checksum}
-        saved, attn._flash_file_factors = attn._flash_file_factors, ff
-        try:
-            _check_file_factors(attn, attn.derive_bias())
-        finally:
-            attn._flash_file_factors = saved
-        if checksum is not None and cpb_checksum(attn) == checksum:
-            ff["checksums"] |= _rounded_checksums(attn)
-        installs[i] = ff
-    for i, (_, attn) in enumerate(layers):
-        attn._flash_file_factors = installs.get(i)
-        attn.flash_bias_rank_rule = "exact"
-        attn._flash_cache = None
+    path: a bias_factors.npz file or a folder holding it (or the published FlashBias code's
+    swin_v2_*_{q,k}_bias_<i>.npy files); None: $FLASHBIAS_FACTORS_DIR, else ./decomposed_bias. Everything is checked
+    against the model's current weights (format, layer count, names, shapes, values, checksums; the published
+    naming by its logit error) before anything is installed: a mismatch raises ValueError naming the file and the
+    layer. Layers without factors use the exact bias. Returns {layer_index: (q_bias, k_bias)}."""
     inner = _unwrap(model)
-    if hasattr(inner, "_flash_bias_resolved"):
-        inner.flash_bias_factors_path = source
-        inner._flash_bias_resolved = True
-    return {i: (ff["q_bias"], ff["k_bias"]) for i, ff in installs.items()}
+    if path is None:
+        path = os.environ.get("FLASHBIAS_FACTORS_DIR") or os.path.abspath("decomposed_bias")
+    settings = FlashBiasSettings("exact", os.fspath(path))
+    layers = window_attention_layers(inner)
+    settings.resolve(layers)
+    if isinstance(inner, SwinTransformerV2):
+        inner.flash_bias_settings = settings
+    return {i: attn.flash_bias.factors for i, (_, attn) in enumerate(layers) if attn.flash_bias.factors is not None}
 
 
 def save_bias_factors(path, model, factors, meta=None):
-    """Write a FlashBias factor file (format flashbias-swinv2-factors-v1) for the model's current weights.
+    """Write a FlashBias factor file (flash_bias_factors.write_factor_file) for the model's current weights.
 
-    path: a .npz file, or a folder (created) that gets bias_factors.npz. factors: {layer_index: (q_bias,
-    k_bias)}, each (H, N, R), layer indices as in window_attention_layers(model); absent layers stay exact.
-    meta: a JSON-serialisable object or a string. Returns the file written."""
-    path = os.fspath(path)
-    if not path.endswith(".npz"):
-        os.makedirs(path, exist_ok=True)
-        path = os.path.join(path, FACTORS_FILE)
+    path: a .npz file, or a folder (created) that gets bias_factors.npz. factors: {layer_index: (q_bias, k_bias)},
+    each (H, N, R), indices as in window_attention_layers(model); absent layers stay exact. Returns the file."""
     layers = window_attention_layers(model)
     unknown = set(factors) - set(range(len(layers)))
     if unknown:
         raise ValueError(f"FlashBias: factors for layers {sorted(unknown)}, the model has {len(layers)}")
-    arrays = {"format": np.array(FACTORS_FORMAT), "num_layers": np.array(len(layers)),
-              "meta": np.array(meta if isinstance(meta, str) else json.dumps(meta))}
+    records = []
     for i, (name, attn) in enumerate(layers):
-        arrays[f"layer{i}_name"] = np.array(name)
-        arrays[f"layer{i}_checksum"] = np.array(cpb_checksum(attn))
-        if i in factors:
-            q_bias, k_bias = (torch.as_tensor(f).detach().float().cpu().contiguous().numpy() for f in factors[i])
-            _check_shape(name, i, attn, q_bias, k_bias)
-            arrays[f"layer{i}_q_bias"], arrays[f"layer{i}_k_bias"] = q_bias, k_bias
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    return path
+        q_bias, k_bias = factors.get(i, (None, None))
+        expected = (attn.num_heads, attn.window_size[0] * attn.window_size[1])
+        if q_bias is not None and tuple(q_bias.shape[:2]) != expected:
+            raise ValueError(f"FlashBias: layer {i} ({name}): q_bias has shape {tuple(q_bias.shape)}, expected "
+                             f"({expected[0]}, {expected[1]}, R)")
+        records.append(factor_files.LayerFactors(i, name, cpb_checksum(attn), q_bias, k_bias))
+    return factor_files.write_factor_file(path, records, meta)

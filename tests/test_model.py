@@ -1,7 +1,9 @@
 """The drop-in swin_transformer_v2.py: equivalence with timm's SwinV2, the fused / official switch, the
-bias cache, factor files and rank rules, state-dict compatibility. CPU only (the fused path runs the
-PyTorch reference there; one test runs the real Triton kernel through TRITON_INTERPRET=1)."""
+bias state (never stale), factor files and rank rules, logging, state-dict compatibility. CPU only (the fused
+path runs the PyTorch reference there; one test runs the real Triton kernel through TRITON_INTERPRET=1)."""
+import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import flash_bias_factors as fbf
 import model_utils as mu
 from model_utils import B_SHAPED, MINI, ROOT, TINY, images, make_model, make_timm_model, rel_l2, swin
 
@@ -189,9 +192,13 @@ def test_window_attention_direct_call_window_layout():
     x = torch.randn(2 * blk.attn_mask.shape[0], N, blk.dim)
     with torch.no_grad():
         official = blk.attn(x, mask=blk.attn_mask)  # a mask tensor: official math
-        fused = blk.attn(x, mask=blk.attn_mask, region_ids=blk.region_ids)  # window layout, fused
+        fused = blk.attn.forward_fused(x, region_ids=blk.region_ids)  # window layout, fused
         blk.attn.fused_attn = False
         assert torch.equal(blk.attn(x, mask=blk.attn_mask), official)
+        unshifted = model.layers[0].blocks[0].attn
+        plain = unshifted(x)  # no mask: the fused path, window layout
+        unshifted.fused_attn = False
+        assert rel_l2(plain, unshifted(x)) < 1e-5
     assert rel_l2(fused, official) < 1e-5
 
 
@@ -244,14 +251,15 @@ def test_import_as_official_models_package(tmp_path):
     pkg = tmp_path / "models"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("from .swin_transformer_v2 import SwinTransformerV2\n")
-    for f in ("swin_transformer_v2.py", "flash_bias_triton.py"):
+    for f in ("swin_transformer_v2.py", "flash_bias_triton.py", "flash_bias_factors.py"):
         (pkg / f).write_text(open(os.path.join(ROOT, f)).read())
     script = textwrap.dedent("""
         import sys, torch, timm
         sys.modules["timm.layers"] = None  # as with timm 0.4.12: only timm.models.layers
         import models.swin_transformer_v2 as m
         assert m.flash_bias_attention.__module__ == "models.flash_bias_triton", m.flash_bias_attention.__module__
-        assert "flash_bias_triton" not in sys.modules
+        assert m.factor_files.__name__ == "models.flash_bias_factors", m.factor_files.__name__
+        assert "flash_bias_triton" not in sys.modules and "flash_bias_factors" not in sys.modules
         model = m.SwinTransformerV2(img_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                     num_classes=5).eval()
         with torch.no_grad():
@@ -292,7 +300,7 @@ def test_state_dict_matches_official_layout():
 
 
 # ------------------------------------------------------------------------------------------------
-# the bias cache
+# the bias state: never stale, whatever route new weights take
 # ------------------------------------------------------------------------------------------------
 def test_derive_bias_matches_official_math():
     model = make_model(TINY)
@@ -303,10 +311,12 @@ def test_derive_bias_matches_official_math():
     official = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
     assert bias.dtype == torch.float32 and not bias.requires_grad and bias.shape == (attn.num_heads, N, N)
     assert torch.allclose(bias, official, atol=1e-6)
-    b1 = attn.flash_bias_operands()["bias"]
-    b2 = attn.flash_bias_operands()["bias"]
-    assert b1 is b2  # cached
-    assert torch.equal(b1, bias)  # on the CPU: float32, as derived
+    qkv = torch.randn(1, N, 3 * attn.dim)
+    assert torch.equal(attn.flash_bias.operands(attn, qkv)["bias"], bias)  # on the CPU: float32, as derived
+    centred = attn.derive_bias(center_rows=True, dtype=torch.float16)
+    assert centred.dtype == torch.float16
+    assert torch.allclose(centred.float(), bias - (bias.amax(-1, keepdim=True) + bias.amin(-1, keepdim=True)) / 2,
+                          atol=1e-2)
 
 
 def test_weights_loaded_after_first_forward_are_picked_up():
@@ -315,7 +325,7 @@ def test_weights_loaded_after_first_forward_are_picked_up():
     with torch.no_grad():
         out_a, out_b = a(x), b(x)
         assert rel_l2(out_a, out_b) > 1e-2
-        a.load_state_dict(b.state_dict())  # in place, after the caches were filled
+        a.load_state_dict(b.state_dict())  # in place, after the first forward
         assert torch.allclose(a(x), out_b, rtol=1e-5, atol=1e-6)
         # two models in one process stay independent
         fresh_a = make_model(TINY, seed=0)
@@ -323,40 +333,81 @@ def test_weights_loaded_after_first_forward_are_picked_up():
         assert torch.allclose(b(x), out_b, rtol=1e-5, atol=1e-6)
 
 
-def test_in_place_parameter_change_is_picked_up():
-    model = make_model(MINI)
-    attn = model.layers[0].blocks[0].attn
-    bias0 = attn.flash_bias_operands()["bias"]
+def _write_through_data(model, source):
+    # .data writes bypass autograd's version counter: a cache keyed on it would not see them
+    for p, q in zip(model.parameters(), source.parameters()):
+        p.data.copy_(q.data)
+
+
+def _scale_cpb_through_data(model, source):
+    for _, attn in swin.window_attention_layers(model):
+        attn.cpb_mlp[2].weight.data.mul_(3)
+
+
+@pytest.mark.parametrize("route", [_write_through_data, _scale_cpb_through_data])
+@pytest.mark.parametrize("rule", ["exact", "rank:8"])
+def test_bias_never_stale(route, rule):
+    """New weights after the first fused forward, by routes that do not bump the version counter: the output
+    follows them (exact: derived in every forward; low-rank: the weight stamp sees the values change)."""
+    model = make_model(MINI, seed=0)
+    model.set_flash_bias(rank_rule=rule, factors_path=False)
+    x = images(2, 32)
     with torch.no_grad():
-        attn.cpb_mlp[2].weight.mul_(2)
-    bias1 = attn.flash_bias_operands()["bias"]
-    assert not torch.allclose(bias0, bias1)
-    assert torch.allclose(bias1, attn.derive_bias())
-    # rewritten with identical values: kept (no re-derivation)
+        before = model(x)
+        route(model, make_model(MINI, seed=1))
+        fresh = copy.deepcopy(model)  # the new weights, nothing derived from the old ones
+        fresh.set_flash_bias(rank_rule=rule, factors_path=False)
+        expected = fresh(x)
+        out = model(x)
+    assert rel_l2(expected, before) > 1e-2
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), rel_l2(out, expected)
+
+
+@pytest.mark.parametrize("rule", ["exact", "rank:8"])
+def test_bias_never_stale_in_inference_mode(rule):
+    """A model built and run under torch.inference_mode() has inference tensors, which carry no version counter."""
+    x = images(2, 32)
+    with torch.inference_mode():
+        model = make_model(MINI, seed=0)
+        model.set_flash_bias(rank_rule=rule, factors_path=False)
+        before = model(x)
+        other = make_model(MINI, seed=1)
+        model.load_state_dict(other.state_dict())
+        out = model(x)
+        other.set_flash_bias(rank_rule=rule, factors_path=False)
+        expected = other(x)
+    assert rel_l2(expected, before) > 1e-2
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), rel_l2(out, expected)
+
+
+def test_factor_file_refused_after_weights_change_through_data(tmp_path):
+    model = make_model(TINY, seed=0)
+    swin.save_bias_factors(tmp_path / "fac", model, _factors(model))
+    swin.load_bias_factors(model, tmp_path / "fac")
+    x = images()
     with torch.no_grad():
-        attn.relative_coords_table.copy_(attn.relative_coords_table.clone())
-    bias2 = attn.flash_bias_operands()["bias"]
-    assert bias2 is bias1
+        model(x)
+        _write_through_data(model, make_model(TINY, seed=1))
+        with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn.*other weights"):
+            model(x)
 
 
 def test_dtype_changes_are_picked_up():
     model = make_model(MINI)
     x = images(2, 32)
+    attn = model.layers[0].blocks[0].attn
+    qkv = torch.randn(1, 16, 3 * attn.dim)
     with torch.no_grad():
         out32 = model(x)
-        attn = model.layers[0].blocks[0].attn
-        bias32 = attn.flash_bias_operands()["bias"]
         model.double()
-        bias64 = attn.flash_bias_operands()["bias"]
-        assert bias64 is not bias32 and bias64.dtype == torch.float32
+        assert attn.flash_bias.operands(attn, qkv.double())["bias"].dtype == torch.float32
         out64 = model(x.double())
         assert out64.dtype == torch.float64
         assert rel_l2(out64, out32) < 1e-5
         model.half()
-        bias16 = attn.flash_bias_operands()["bias"]
+        bias16 = attn.flash_bias.operands(attn, qkv)["bias"]
         assert bias16.dtype == torch.float32
-        assert (bias16 - bias32).abs().max() < 0.05  # float32 from fp16-rounded weights
-        assert torch.equal(bias16, attn.derive_bias())
+        assert torch.equal(bias16, attn.derive_bias())  # float32 from the fp16-rounded weights
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,30 +430,22 @@ def test_rank_rules(rule, monkeypatch):
         monkeypatch.setenv("FLASHBIAS_RANK", rule)
         model.set_flash_bias()  # settings are re-read at the next forward
         out = model(x)
-    factors = [attn.flash_bias_operands().get("bias_factors") for _, attn in swin.window_attention_layers(model)]
+    factors = [attn.flash_bias.factors for _, attn in swin.window_attention_layers(model)]
+    summary = swin.flash_bias_summary(model)
+    assert [s["mode"] == "low-rank" for s in summary] == [f is not None for f in factors]
     if rule == "rank:4":
         assert all(f is not None and f[0].shape[-1] == 4 for f in factors)
+        assert all(s["rank"] == 4 and s["source"] == "rank rule rank:4" for s in summary)
     elif rule == "logit:0.05":
         for (_, attn), f in zip(swin.window_attention_layers(model), factors):
             if f is not None:
                 approx = f[0] @ f[1].transpose(-2, -1)
-                assert swin.logit_error(attn.derive_bias(), approx)[0] <= 0.05
+                assert fbf.logit_error(attn.derive_bias(), approx)[0] <= 0.05
     assert any(f is not None for f in factors)
     assert 0 < rel_l2(out, exact) < {"rank:4": 0.5, "energy:0.995": 0.15, "logit:0.05": 0.05}[rule]
     model.set_flash_bias(rank_rule="exact")  # the method overrides the environment
     with torch.no_grad():
         assert torch.allclose(model(x), exact, rtol=1e-5, atol=1e-6)
-
-
-def test_layer_rule_set_before_first_forward_is_kept():
-    model = make_model(MINI)
-    for _, attn in swin.window_attention_layers(model):
-        attn.flash_bias_rank_rule = "rank:3"  # as scripts/demo.py does
-    with torch.no_grad():
-        model(images(1, 32))
-    for _, attn in swin.window_attention_layers(model):
-        operands = attn.flash_bias_operands()
-        assert list(operands) == ["bias_factors"] and operands["bias_factors"][0].shape[-1] == 3
 
 
 def test_bad_rank_rule_rejected():
@@ -420,7 +463,7 @@ def _factors(model, max_logit_error=0.02, skip=()):
     for i, (_, attn) in enumerate(swin.window_attention_layers(model)):
         if i in skip:
             continue
-        q, k, info = swin.low_rank_bias_factors(attn.derive_bias(), max_logit_error=max_logit_error)
+        q, k, info = fbf.low_rank_bias_factors(attn.derive_bias(), max_logit_error=max_logit_error)
         if q is not None:
             out[i] = (q, k)
     return out
@@ -447,8 +490,8 @@ def test_factor_file_roundtrip_and_validation(tmp_path):
     assert 0 < rel_l2(out, exact) < 2e-2
     assert torch.equal(out.argmax(1), exact.argmax(1))
     layers = swin.window_attention_layers(a)
-    assert list(layers[1][1].flash_bias_operands()) == ["bias"]  # absent layer: exact
-    assert list(layers[0][1].flash_bias_operands()) == ["bias_factors"]  # present layer: low-rank
+    assert layers[1][1].flash_bias.factors is None  # absent layer: exact
+    assert layers[0][1].flash_bias.factors is not None  # present layer: low-rank
 
     # another model's weights: rejected, naming the layer
     b = make_model(TINY, seed=1)
@@ -473,7 +516,7 @@ def test_factor_files_found_lazily(tmp_path, monkeypatch):
     with torch.no_grad():
         out = fresh(x)
     assert 0 < rel_l2(out, exact) < 2e-2
-    assert all(attn._flash_file_factors is not None for _, attn in swin.window_attention_layers(fresh))
+    assert all(attn.flash_bias.record is not None for _, attn in swin.window_attention_layers(fresh))
     # the official main.py order: build, load the checkpoint, evaluate
     late = make_model(TINY, seed=3)
     late.load_state_dict(a.state_dict())
@@ -488,7 +531,7 @@ def test_factor_files_found_lazily(tmp_path, monkeypatch):
     # .half() keeps the (rounded) weights acceptable
     fresh.half()
     for _, attn in swin.window_attention_layers(fresh):
-        attn.flash_bias_operands()
+        attn.flash_bias.operands(attn, torch.zeros(1, 1, 3 * attn.dim, dtype=torch.float16))
 
 
 def _rewrite(path, **changes):
@@ -548,8 +591,11 @@ def test_seed_named_factor_files(tmp_path):
 
 
 def test_load_bias_factors_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(fbf.FactorFileError, match="nothing does not exist"):
         swin.load_bias_factors(make_model(MINI), tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(fbf.FactorFileError, match="no factor files"):
+        swin.load_bias_factors(make_model(MINI), tmp_path / "empty")
 
 
 def test_wrapped_models_and_helpers():
@@ -568,3 +614,110 @@ def test_torch_compile_eager_backend():
         expected = model(x)
         compiled = torch.compile(model, backend="eager")
         assert torch.allclose(compiled(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# no silent surprises: bad factor settings and files raise, naming the problem; the mode is logged
+# ------------------------------------------------------------------------------------------------
+def test_factors_dir_env_pointing_nowhere_raises(tmp_path, monkeypatch):
+    x = images(1, 32)
+    monkeypatch.setenv("FLASHBIAS_FACTORS_DIR", str(tmp_path / "typo"))
+    with pytest.raises(fbf.FactorFileError, match="typo does not exist"):
+        with torch.no_grad():
+            make_model(MINI)(x)
+    (tmp_path / "notes.txt").write_text("not factors")
+    monkeypatch.setenv("FLASHBIAS_FACTORS_DIR", str(tmp_path / "notes.txt"))
+    with pytest.raises(fbf.FactorFileError, match=r"notes\.txt is a file but not a factor file"):
+        with torch.no_grad():
+            make_model(MINI)(x)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("FLASHBIAS_FACTORS_DIR", str(tmp_path / "empty"))
+    with pytest.raises(fbf.FactorFileError, match="no factor files"):
+        with torch.no_grad():
+            make_model(MINI)(x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_factor_file_with_non_finite_values_rejected(tmp_path, bad):
+    model = make_model(TINY)
+    path = swin.save_bias_factors(tmp_path / "f.npz", model, _factors(model))
+    with np.load(path, allow_pickle=False) as z:
+        q = z["layer2_q_bias"].copy()
+    q[0, 3, 0] = bad
+    _rewrite(path, layer2_q_bias=q)  # the checksum still matches: only the values are wrong
+    with pytest.raises(fbf.FactorFileError, match=r"f\.npz: layer 2 \(layers\.1\.blocks\.0\.attn\).*NaN or infinite"):
+        swin.load_bias_factors(model, path)
+
+
+def test_corrupt_or_truncated_factor_file_names_the_file(tmp_path):
+    model = make_model(TINY)
+    path = swin.save_bias_factors(tmp_path / "fac", model, _factors(model))
+    data = open(path, "rb").read()
+    for name, content in (("truncated", data[: len(data) // 2]), ("garbage", b"PK\x03\x04 garbage")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "bias_factors.npz").write_bytes(content)
+        with pytest.raises(fbf.FactorFileError, match=rf"{name}/bias_factors\.npz is corrupt or truncated"):
+            swin.load_bias_factors(model, folder)
+
+
+def test_failed_load_keeps_the_previous_state(tmp_path):
+    model = make_model(TINY, seed=0)
+    swin.save_bias_factors(tmp_path / "other", make_model(TINY, seed=1), _factors(make_model(TINY, seed=1)))
+    model.set_flash_bias(rank_rule="rank:3")
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        with pytest.raises(ValueError, match="other weights"):
+            swin.load_bias_factors(model, tmp_path / "other")
+        assert torch.equal(model(x), before)
+    assert all(s["rank"] == 3 for s in swin.flash_bias_summary(model))
+
+
+def test_bias_mode_logged_once(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="flash_bias")
+    model = make_model(TINY, seed=0)
+    x = images()
+    with torch.no_grad():
+        model(x)
+        model(x)
+    messages = [r.getMessage() for r in caplog.records if r.name == "flash_bias"]
+    assert messages == ["FlashBias: exact bias in all 8 attention layers"]
+    # factors picked up from ./decomposed_bias: the user is told, with their worst logit error
+    swin.save_bias_factors(tmp_path / "decomposed_bias", model, _factors(model, skip={1}))
+    monkeypatch.chdir(tmp_path)
+    caplog.clear()
+    with torch.no_grad():
+        make_model(TINY, seed=0)(x)
+    (record,) = [r for r in caplog.records if r.name == "flash_bias"]
+    assert record.levelno == logging.INFO
+    assert "decomposed_bias/bias_factors.npz in 7 of 8 attention layers" in record.getMessage()
+    assert "the exact bias in the other 1; worst logit error 0.0" in record.getMessage()
+
+
+def test_large_logit_error_is_a_warning(caplog):
+    caplog.set_level(logging.INFO, logger="flash_bias")
+    model = make_model(TINY)
+    model.set_flash_bias(rank_rule="rank:1")
+    with torch.no_grad():
+        model(images())
+    (record,) = [r for r in caplog.records if r.name == "flash_bias"]
+    assert record.levelno == logging.WARNING
+    assert "rank rule rank:1 in 8 of 8 attention layers" in record.getMessage()
+    assert f"above {fbf.LARGE_LOGIT_ERROR}" in record.getMessage()
+
+
+def test_log_shown_by_default_on_stdout():
+    """Without any logging configuration (as in the official main.py, whose logger is its own), the message
+    still reaches the user."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
+        import torch, model_utils as mu
+        with torch.no_grad():
+            mu.make_model(mu.MINI)(mu.images(1, 32))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHBIAS_")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "flash_bias] INFO FlashBias: exact bias in all 4 attention layers" in proc.stdout

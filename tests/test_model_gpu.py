@@ -5,14 +5,9 @@ equivalences through the PyTorch path and, in a subprocess, the interpreted kern
 import pytest
 import torch
 
-from model_utils import TINY, images, make_model, make_timm_model, rel_l2, swin
+from model_utils import B384, TINY, images, make_model, make_timm_model, rel_l2, swin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-# SwinV2-B/384-shaped: window 24 at 384 (stage 4 runs one 12x12 window), pretrained windows 12-12-12-6
-B384 = dict(img_size=384, window_size=24, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-            pretrained_window_sizes=[12, 12, 12, 6], num_classes=1000)
-
 
 def _logits(model, x, dtype):
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
@@ -80,3 +75,72 @@ def test_low_rank_rule_and_cache_on_gpu():
     model.set_flash_bias(rank_rule="exact")
     model.half()
     assert rel_l2(_logits(model, x.half(), torch.float32), exact) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs: replay equals eager bit for bit, follows new weights, several shapes
+# ------------------------------------------------------------------------------------------------
+def _eager_reference(model, x, dtype):
+    model.set_flash_bias(cuda_graphs=False)
+    out = _logits(model, x, dtype)
+    model.set_flash_bias(cuda_graphs=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_graph_replay_equals_eager(dtype):
+    model = make_model(TINY).cuda()
+    x = images(4, 64).cuda()
+    eager = _eager_reference(model, x, dtype)
+    outs = [_logits(model, x, dtype) for _ in range(4)]  # resolve, first sight, capture, replay
+    graphs = model.flash_bias_settings.graphs
+    assert len(graphs.entries) == 1
+    for out in outs:
+        assert torch.equal(out, eager)
+    kept = outs[-1].clone()
+    _logits(model, images(4, 64, seed=9).cuda(), dtype)
+    assert torch.equal(outs[-1], kept)  # a replay never overwrites a result the caller holds
+
+
+def test_cuda_graph_follows_new_weights():
+    model, other = make_model(TINY, seed=0).cuda(), make_model(TINY, seed=1).cuda()
+    x = images(4, 64).cuda()
+    for _ in range(3):
+        _logits(model, x, torch.float16)
+    graphs = model.flash_bias_settings.graphs
+    (entry,) = graphs.entries.values()
+    model.load_state_dict(other.state_dict())  # in place, after the capture
+    assert torch.equal(_logits(model, x, torch.float16), _eager_reference(other, x, torch.float16))
+    assert list(graphs.entries.values()) == [entry]  # same storage: the same graph, reading the new weights
+    for p in model.parameters():
+        p.data.mul_(1.0001)  # through .data: no version counter
+    assert torch.equal(_logits(model, x, torch.float16), _eager_reference(model, x, torch.float16))
+    model.half()  # new storage: the graphs are dropped, and the output follows
+    for _ in range(3):
+        out = _logits(model, x.half(), torch.float32)
+    assert torch.equal(out, _eager_reference(model, x.half(), torch.float32))
+
+
+def test_cuda_graph_shapes_alternate_and_partial_batch():
+    model = make_model(TINY).cuda()
+    batches = [images(n, 64, seed=n).cuda() for n in (4, 2)]
+    expected = [_eager_reference(model, x, torch.float16) for x in batches]
+    for _ in range(4):
+        for x, e in zip(batches, expected):
+            assert torch.equal(_logits(model, x, torch.float16), e)
+    assert len(model.flash_bias_settings.graphs.entries) == 2
+    last = images(3, 64, seed=3).cuda()  # an eval loop's partial last batch: seen once, run eagerly
+    assert torch.equal(_logits(model, last, torch.float16), _eager_reference(model, last, torch.float16))
+    assert len(model.flash_bias_settings.graphs.entries) == 2
+
+
+def test_no_graphs_for_training_gradients_or_low_rank():
+    model = make_model(TINY).cuda()
+    x = images(2, 64).cuda()
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.float16):
+            model(x)  # eval, but parameters need gradients and grad mode is on: official math, no graph
+    model.set_flash_bias(rank_rule="rank:4")
+    for _ in range(3):
+        _logits(model, x, torch.float16)
+    assert not model.flash_bias_settings.graphs.entries

@@ -1,0 +1,103 @@
+"""The CUDA-graph cache of the drop-in (swin_transformer_v2.ForwardGraphs) on the CPU, with a fake capture that
+records each capture and replays by running the captured function again: the key, when a key is captured,
+invalidation on new weight storage, the cap on cached shapes, and outputs never aliased between calls. The real
+graphs run in tests/test_model_gpu.py."""
+import pytest
+import torch
+
+from model_utils import MINI, images, make_model, swin
+
+
+class FakeCapture:
+    def __init__(self):
+        self.captures = 0
+
+    def __call__(self, fn, pool):
+        self.captures += 1
+        output = fn()
+        return (lambda: output.copy_(fn())), output, pool
+
+
+def make(seed=0):
+    model = make_model(MINI, seed=seed)
+    fake = FakeCapture()
+    model.flash_bias_settings.graphs = swin.ForwardGraphs(capture=fake)
+    return model, model.flash_bias_settings.graphs, fake
+
+
+def test_no_graphs_without_cuda():
+    model = make_model(MINI)
+    x = images(2, 32)
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(3):
+            assert model.flash_bias_settings.replay(model, x) is None
+            assert torch.equal(model(x), expected)
+    assert not model.flash_bias_settings.graphs.entries
+
+
+def test_capture_on_second_sight_then_replay():
+    model, graphs, fake = make()
+    x = images(2, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert graphs.run(model, x) is None and fake.captures == 0  # first sight: eager
+        out = graphs.run(model, x)
+        assert fake.captures == 1 and torch.equal(out, expected)
+        out2 = graphs.run(model, images(2, 32, seed=7))
+        assert fake.captures == 1  # replayed, not captured again
+        assert torch.equal(out2, model(images(2, 32, seed=7)))
+        assert torch.equal(out, expected)  # the earlier result was not overwritten by the replay
+
+
+def test_key_has_shape_dtype_and_autocast():
+    model, graphs, fake = make()
+    with torch.no_grad():
+        for x in (images(2, 32), images(3, 32), images(2, 32).double()):
+            model.double() if x.dtype == torch.float64 else None
+            graphs.run(model, x)
+            graphs.run(model, x)
+    assert fake.captures == 3
+    keys = list(graphs.entries)
+    assert {k[0] for k in keys} == {(2, 3, 32, 32)}  # the float64 model dropped the float32 graphs
+    assert keys[0][2] == torch.float64
+
+
+def test_new_weight_storage_drops_the_graphs_in_place_updates_do_not():
+    model, graphs, fake = make()
+    x = images(2, 32)
+    with torch.no_grad():
+        graphs.run(model, x)
+        graphs.run(model, x)
+        model.load_state_dict(make_model(MINI, seed=1).state_dict())  # in place: same storage
+        graphs.run(model, x)
+        assert fake.captures == 1 and len(graphs.entries) == 1
+        attn = model.layers[0].blocks[0].attn
+        attn.logit_scale = torch.nn.Parameter(attn.logit_scale.detach().clone())  # new storage
+        assert graphs.run(model, x) is None and not graphs.entries  # dropped; the key starts over
+        assert torch.equal(graphs.run(model, x), model(x)) and fake.captures == 2
+
+
+def test_at_most_max_graphs():
+    model, graphs, fake = make()
+    with torch.no_grad():
+        for batch in range(1, swin.ForwardGraphs.MAX_GRAPHS + 3):
+            x = images(batch, 32)
+            graphs.run(model, x)
+            graphs.run(model, x)
+    assert fake.captures == swin.ForwardGraphs.MAX_GRAPHS + 2
+    assert len(graphs.entries) == swin.ForwardGraphs.MAX_GRAPHS
+    assert [k[0][0] for k in graphs.entries] == list(range(3, swin.ForwardGraphs.MAX_GRAPHS + 3))
+
+
+def test_graph_switch(monkeypatch):
+    model = make_model(MINI)
+    assert model.flash_bias_settings.cuda_graphs is None  # read at the first fused forward
+    monkeypatch.setenv("FLASHBIAS_CUDA_GRAPHS", "0")
+    with torch.no_grad():
+        model(images(1, 32))
+    assert model.flash_bias_settings.cuda_graphs is False
+    model.set_flash_bias(cuda_graphs=True)
+    with torch.no_grad():
+        model(images(1, 32))
+    assert model.flash_bias_settings.cuda_graphs is True
