@@ -5,55 +5,59 @@
     python scripts/demo.py --cfg configs/swinv2/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml \
         --resume swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth --data-path /data/imagenet
     python scripts/demo.py --tiny --device cpu  # a seconds-long check
+    python scripts/demo.py --rank-rule logit:0.05 --rank-rule energy:0.995   # two low-rank rows
 
-Runs the same input through the model three times: the official math (``fused_attn = False`` on every
-attention), FlashBias with the exact bias, and FlashBias with low-rank factors (``--rank-rule``, or a
-factor file with ``--factors``). On a GPU all run under torch.autocast(float16), as the official
-main.py evaluates; on the CPU in float32. Prints ms/batch (GPU: CUDA events, median after warm-up;
-CPU: wall clock, median), peak GPU memory, the logits' relative L2 error against the official math
-and top-1 agreement (and top-1 accuracy with --data-path, labels from the sorted class folders).
+Runs the same input through the model in several modes: the official math (``fused_attn = False`` on
+every attention), FlashBias with the exact bias, FlashBias with low-rank factors per ``--rank-rule``
+(default logit:0.05: the smallest rank whose worst logit error is at most 0.05; energy:E is the
+FlashBias paper's rule), and with ``--factors`` FlashBias with a factor file. On a GPU all run under
+torch.autocast(float16), as the official main.py evaluates; on the CPU in float32. Prints ms/batch
+(GPU: CUDA events, median after warm-up; CPU: wall clock, median), peak GPU memory, the logits'
+relative L2 error against the official math and top-1 agreement (and top-1 accuracy with
+--data-path, labels from the sorted class folders).
 """
 import argparse
 import copy
 import os
-import zipfile
 import statistics
-import sys
 import time
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from swin_config import UserError, build_from_args, import_dropin, run_main, smooth_images
+from swin_config import (UserError, add_model_args, import_dropin, model_from_args, rank_rule_option, rel_l2,
+                         run_main, smooth_images)
+import flash_bias_factors as fbf  # noqa: E402  (swin_config puts the repository root on sys.path)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+DEFAULT_RULE = "logit:0.05"
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", help="official SwinV2 yaml config (with --resume)")
-    p.add_argument("--resume", help="checkpoint of that model")
+    add_model_args(p, embedded_default="swinv2_b_384 on a GPU, small on the CPU")
+    p.add_argument("--tiny", action="store_true", help="--embedded tiny (128 px, window 8): a quick check")
     p.add_argument("--data-path", help="ImageFolder-style tree (class folders of images; DIR/val is used if "
                                        "present, as main.py does)")
     p.add_argument("--batches", type=int, default=4, help="batches to run from --data-path (default 4)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 32 on a GPU, 4 on the CPU, 2 with --tiny)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--tiny", action="store_true", help="a tiny SwinV2 (128 px, window 8): a quick check")
-    p.add_argument("--embedded", help="embedded config name: swinv2_b_384, small or tiny")
-    p.add_argument("--rank-rule", default="energy:0.995",
-                   help="low-rank row: rank:R | energy:E | logit:L (default energy:0.995, the seed's rule)")
-    p.add_argument("--factors", help="low-rank row from this factor folder/file instead (decompose_bias.py output)")
-    p.add_argument("--iters", type=int, default=None, help="timed repeats per mode (default 10 GPU, 3 CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank-rule", action="append", metavar="RULE",
+                   help=f"a low-rank row: rank:R | energy:E (the FlashBias paper's rule) | logit:L; repeat for "
+                        f"several rows (default {DEFAULT_RULE})")
+    p.add_argument("--factors", help="a row with the factors of this folder/file (decompose_bias.py output)")
+    p.add_argument("--iters", type=int, default=None, help="timed repeats per mode (default 10 GPU, 5 CPU)")
     args = p.parse_args(argv)
-    if args.cfg and not args.resume:
-        p.error("--cfg needs --resume CHECKPOINT.pth")
-    if args.resume and not args.cfg:
-        p.error("--resume needs --cfg CONFIG.yaml")
-    if args.data_path and not args.cfg:
-        p.error("--data-path needs --cfg and --resume (real images need real weights)")
+    args.rank_rule = args.rank_rule or [DEFAULT_RULE]
+    if args.tiny:
+        if args.embedded or args.cfg:
+            p.error("--tiny means --embedded tiny: give one model")
+        args.embedded = "tiny"
+    if args.data_path and not args.resume:
+        p.error("--data-path needs --resume CHECKPOINT.pth (real images need real weights)")
     return args
 
 
@@ -104,24 +108,44 @@ def load_image(path: str, img_size: int, crop: bool) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Modes and timing
+# Modes
 # ----------------------------------------------------------------------------------------------
-def set_mode(dropin, model, fused: bool, rule: str = "exact", factors_path=False):
-    """fused=False: the official math everywhere; else FlashBias with ``rule``, or the factor files at
-    ``factors_path`` (False: none, whatever ./decomposed_bias or $FLASHBIAS_FACTORS_DIR hold)."""
-    if hasattr(model, "set_flash_bias"):
-        model.set_flash_bias(rank_rule=rule, factors_path=factors_path, fused=fused)
-        return
-    for _, attn in dropin.window_attention_layers(model):  # a drop-in without set_flash_bias
-        attn.fused_attn = fused
-        attn.flash_bias_rank_rule = rule
+def low_rank_summary(dropin, model) -> str:
+    """Which layers run on low-rank factors (flash_bias_summary): count, ranks, worst logit error."""
+    layers = dropin.flash_bias_summary(model)
+    low = [s for s in layers if s["mode"] == "low-rank"]
+    if not low:
+        return f"  no layer low-rank: all {len(layers)} keep the exact bias (no rank up to {fbf.MAX_RANK} met the rule)"
+    ranks = [s["rank"] for s in low]
+    errors = [s["max_logit_error"] for s in low if s["max_logit_error"] is not None]
+    worst = f", worst max logit error {max(errors):.3f}" if errors else ""
+    rest = (f"; the other {len(layers) - len(low)} keep the exact bias (no rank up to {fbf.MAX_RANK} met the rule)"
+            if len(low) < len(layers) else "")
+    return f"  low-rank factors in {len(low)} of {len(layers)} layers, ranks {min(ranks)}-{max(ranks)}{worst}{rest}"
 
 
-def count_low_rank_layers(dropin, model):
-    """(layers that run on low-rank factors, layers), from each layer's (cached) FlashBias operands."""
-    layers = dropin.window_attention_layers(model)
-    with torch.no_grad():
-        return sum("bias_factors" in attn.flash_bias_operands() for _, attn in layers), len(layers)
+def factor_file_model(dropin, model, path: str):
+    """A copy of ``model`` running the factors at ``path``, checked before anything runs (the copy
+    keeps the other rows on their own settings)."""
+    copied = copy.deepcopy(model)
+    copied.set_flash_bias(rank_rule="exact", factors_path=path, fused=True)
+    try:
+        summary = low_rank_summary(dropin, copied)
+    except (ValueError, OSError) as e:   # FactorFileError is a ValueError naming the file and the layer
+        raise UserError(f"--factors {path}: {e}") from None
+    print(f"factors from {path}:\n{summary}", flush=True)
+    return copied
+
+
+def plan_modes(args, dropin, model) -> List[Tuple[str, torch.nn.Module, Optional[dict]]]:
+    """[(label, model, set_flash_bias arguments or None for a model already set)] in the order they run."""
+    modes = [("official math (fused_attn off)", model, {"factors_path": False, "fused": False}),
+             ("FlashBias, exact bias", model, {"rank_rule": "exact", "factors_path": False, "fused": True})]
+    modes += [(f"FlashBias, low-rank {rule}", model, {"rank_rule": rule, "factors_path": False, "fused": True})
+              for rule in args.rank_rule]
+    if args.factors:
+        modes.append(("FlashBias, low-rank factor file", factor_file_model(dropin, model, args.factors), None))
+    return modes
 
 
 class Timer:
@@ -166,90 +190,29 @@ def run_mode(model, batches, device, autocast, timer, iters, warmup, label):
     return torch.cat(logits), statistics.median(times), peak
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available")
-    on_gpu = device.type == "cuda"
-    embedded = "tiny" if args.tiny else (args.embedded or ("swinv2_b_384" if on_gpu else "small"))
-    batch = args.batch or (2 if args.tiny else 32 if on_gpu else 4)
-    iters = args.iters or (10 if on_gpu else 5)
-    dropin = import_dropin()
-    try:
-        dropin.parse_rank_rule(args.rank_rule)
-    except ValueError as e:
-        raise UserError(f"--rank-rule: {e}") from None
-    cfg, model = build_from_args(args.cfg, args.resume, embedded=embedded, seed=args.seed)
-    model = model.to(device)
+def input_batches(args, cfg, batch: int) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    """([batches], labels or None): --data-path images with the official eval transform, else one seeded
+    smooth random batch."""
+    if not args.data_path:
+        return [smooth_images(batch, cfg.DATA.IMG_SIZE, seed=args.seed + 1)], None
     img = cfg.DATA.IMG_SIZE
-    lowrank_model = model
-    if args.factors:  # validated before anything runs; a copy, so the exact rows keep the exact bias
-        lowrank_model = copy.deepcopy(model)
-        npz = args.factors if args.factors.endswith(".npz") else os.path.join(args.factors, "bias_factors.npz")
-        if os.path.isfile(npz) and not zipfile.is_zipfile(npz):
-            raise UserError(f"factor file {npz} is corrupt (not an .npz archive): write it again with "
-                            f"scripts/decompose_bias.py")
-        set_mode(dropin, lowrank_model, True, "exact", factors_path=args.factors)
-        try:
-            loaded = dropin.load_bias_factors(lowrank_model, args.factors)
-        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise UserError(f"factor file {args.factors}: {e}") from None
-        print(f"factors: {len(loaded)} of {len(dropin.window_attention_layers(model))} layers low-rank from "
-              f"{args.factors}", flush=True)
+    samples, classes = list_image_folder(args.data_path)
+    samples = samples[:batch * args.batches]
+    crop = bool(cfg.TEST.CROP)
+    print(f"data: {len(samples)} images of {len(classes)} classes from {args.data_path} "
+          f"({'resize+center crop' if crop else 'resize'} to {img})", flush=True)
+    batches = []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        batches.append(torch.from_numpy(np.stack([load_image(p, img, crop) for p, _ in chunk])))
+        print(f"  loaded batch {len(batches)}/{(len(samples) + batch - 1) // batch}", flush=True)
+    return batches, torch.tensor([label for _, label in samples])
 
-    labels = None
-    if args.data_path:
-        samples, classes = list_image_folder(args.data_path)
-        samples = samples[:batch * args.batches]
-        crop = bool(cfg.get("TEST", {}).get("CROP", True))
-        print(f"data: {len(samples)} images of {len(classes)} classes from {args.data_path} "
-              f"({'resize+center crop' if crop else 'resize'} to {img})", flush=True)
-        batches = []
-        for start in range(0, len(samples), batch):
-            chunk = samples[start:start + batch]
-            batches.append(torch.from_numpy(np.stack([load_image(p, img, crop) for p, _ in chunk])))
-            print(f"  loaded batch {len(batches)}/{(len(samples) + batch - 1) // batch}", flush=True)
-        labels = torch.tensor([label for _, label in samples])
-    else:
-        batches = [smooth_images(batch, img, seed=args.seed + 1)]
-    if on_gpu:
-        batches = [b.pin_memory() for b in batches]
 
-    timer = Timer(device)
-    warmup = 3 if on_gpu else 2
-    modes = [("official math (fused_attn off)", False, "exact", False),
-             ("FlashBias, exact bias", True, "exact", False),
-             (f"FlashBias, low-rank {'factor file' if args.factors else args.rank_rule}", True, args.rank_rule,
-              bool(args.factors))]
-    print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if on_gpu else ''}, batch {batch}, "
-          f"{'float16 autocast' if on_gpu else 'float32'}, {len(batches)} batch(es)", flush=True)
-    rows, reference = [], None
-    for label, fused, rule, from_file in modes:
-        if not from_file:
-            set_mode(dropin, model, fused, rule)
-        print(f"running {label} ...", flush=True)
-        try:
-            logits, ms, peak = run_mode(lowrank_model if from_file else model, batches, device, on_gpu, timer,
-                                        iters, warmup, label)
-        except ValueError as e:  # e.g. an invalid rank rule, found when the factors are derived
-            raise UserError(f"{label}: {e}") from None
-        if reference is None:
-            reference = logits
-        if fused and rule != "exact" or from_file:
-            counted = count_low_rank_layers(dropin, lowrank_model if from_file else model)
-            if counted is not None:
-                print(f"  low-rank factors in {counted[0]} of {counted[1]} layers (the others use the exact "
-                      f"bias: no rank up to 128 met the rule)" if counted[0] < counted[1] else
-                      f"  low-rank factors in all {counted[1]} layers", flush=True)
-        rel = ((logits - reference).norm() / reference.norm().clamp_min(1e-30)).item()
-        agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-        acc = (logits.argmax(-1) == labels).float().mean().item() if labels is not None else None
-        rows.append((label, ms, peak, rel, agree, acc))
-
-    print()
+def print_table(rows, labels, on_gpu: bool) -> None:
     header = f"{'mode':<44} {'ms/batch':>9} {'peak MiB':>9} {'logit rel-L2':>13} {'top-1 agree':>12}"
     header += f" {'top-1 acc':>10}" if labels is not None else ""
+    print()
     print(header)
     print("-" * len(header))
     for label, ms, peak, rel, agree, acc in rows:
@@ -258,8 +221,44 @@ def main(argv=None) -> int:
         line += f" {acc * 100:>9.2f}%" if acc is not None else ""
         print(line)
     base = rows[0][1]
-    print(f"\nspeed-up vs official math: exact {base / rows[1][1]:.2f}x, low-rank {base / rows[2][1]:.2f}x"
+    speedups = ", ".join(f"{label.split(', ', 1)[1]} {base / ms:.2f}x" for label, ms, *_ in rows[1:])
+    print(f"\nspeed-up vs official math: {speedups}"
           + ("" if on_gpu else "  (CPU: FlashBias runs its PyTorch reference, not the Triton kernel)"))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available")
+    on_gpu = device.type == "cuda"
+    batch = args.batch or (2 if args.tiny else 32 if on_gpu else 4)
+    iters = args.iters or (10 if on_gpu else 5)
+    for rule in args.rank_rule:
+        rank_rule_option("--rank-rule", rule)
+    dropin = import_dropin()
+    cfg, model = model_from_args(args, default_embedded="swinv2_b_384" if on_gpu else "small")
+    model = model.to(device)
+    modes = plan_modes(args, dropin, model)
+    batches, labels = input_batches(args, cfg, batch)
+    if on_gpu:
+        batches = [b.pin_memory() for b in batches]
+    print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if on_gpu else ''}, batch {batch}, "
+          f"{'float16 autocast' if on_gpu else 'float32'}, {len(batches)} batch(es)", flush=True)
+    timer, rows, reference = Timer(device), [], None
+    for label, runner, settings in modes:
+        if settings is not None:
+            runner.set_flash_bias(**settings)
+        print(f"running {label} ...", flush=True)
+        logits, ms, peak = run_mode(runner, batches, device, on_gpu, timer, iters, 3 if on_gpu else 2, label)
+        reference = logits if reference is None else reference
+        if "low-rank" in label:
+            print(low_rank_summary(dropin, runner), flush=True)
+        rel = rel_l2(logits, reference)
+        agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        acc = (logits.argmax(-1) == labels).float().mean().item() if labels is not None else None
+        rows.append((label, ms, peak, rel, agree, acc))
+    print_table(rows, labels, on_gpu)
     return 0
 
 

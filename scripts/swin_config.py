@@ -1,36 +1,50 @@
-"""Shared helpers for the scripts: official SwinV2 yaml configs -> the drop-in model, checkpoints.
+"""The one home of what the scripts, benchmarks and tests share about building a SwinV2.
 
-* :func:`load_config` reads an official ``configs/swinv2/*.yaml`` (yacs, with ``BASE: [...]`` /
-  ``_BASE_`` files resolved relative to the yaml file) over the official defaults that building a
-  SwinV2 needs.
-* :func:`build_model` builds the drop-in ``swin_transformer_v2.SwinTransformerV2`` (from this repo's
-  root) with the official ``models/build.py`` arguments.
-* :func:`load_checkpoint` loads ``ckpt["model"]`` (or a bare state dict) with
-  ``torch.load(weights_only=True)`` and refuses a checkpoint of another model, naming keys.
-* :func:`trained_like_` gives a randomly initialised model the weight statistics of a trained one
-  (SwinV2 zero-initialises the post-norm scales, which would hide attention entirely).
-* :data:`EMBEDDED_CONFIGS`: ``swinv2_b_384`` (the FlashBias paper's SwinV2-B/384, for a GPU),
-  ``small`` (CPU) and ``tiny`` (tests).
+* Configs: :func:`load_config` reads an official ``configs/swinv2/*.yaml`` (yacs, ``BASE: [...]`` /
+  ``_BASE_`` files resolved relative to the yaml file) or a registered config (:data:`MODEL_CONFIGS`:
+  the names users know, the benchmarks' and the tests'), then ``--opts KEY VALUE ...`` overrides as
+  the official main.py does.
+* The command line: :func:`add_model_args` declares ``--cfg/--resume/--embedded/--seed/--opts``,
+  :func:`model_from_args` checks them and builds the model; :func:`rank_rule_option` checks a rank
+  rule given with an option.
+* Models: :func:`model_kwargs` (the official ``models/build.py`` arguments), :func:`build_model` (the
+  drop-in ``swin_transformer_v2.SwinTransformerV2`` at this repository's root), :func:`build_timm_model`
+  (timm's independent SwinV2 with the same weights), :func:`load_checkpoint`.
+* Trained-like weights: :func:`trained_like_` gives a randomly initialised model the weight statistics
+  of a trained one (SwinV2 zero-initialises the post-norm scales, which would hide attention entirely);
+  :func:`trained_like_bias` is one such layer's relative-position bias.
+* Measuring: :func:`smooth_images`, :func:`rel_l2`, :func:`cpu_threads`, :func:`pyplot`.
+* Output folders: :func:`replaced_folder` writes a whole folder or nothing.
 
-User errors raise :class:`UserError`; scripts print its message and exit with status 2
-(:func:`run_main`).
+User errors raise :class:`UserError`; scripts print its message and exit with status 2 (:func:`run_main`).
 """
+import argparse
+import contextlib
+import math
 import os
+import shutil
 import sys
-from typing import Dict, List, Optional, Tuple
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 from yacs.config import CfgNode
 
+import safe_checkpoint
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # the drop-in and flash_bias_factors live at the repository root
+    sys.path.insert(0, REPO_ROOT)
+import flash_bias_factors  # noqa: E402
 
 
 class UserError(Exception):
     """A mistake in the user's input (file, option, checkpoint): reported without a traceback."""
 
 
-def run_main(main) -> None:
+def run_main(main: Callable[[], Optional[int]]) -> None:
     """Run ``main()``; a :class:`UserError` prints ``error: message`` to stderr and exits 2."""
     try:
         code = main()
@@ -47,8 +61,8 @@ def run_main(main) -> None:
 # Configs
 # ----------------------------------------------------------------------------------------------
 def default_config() -> CfgNode:
-    """The official defaults of the keys that building a SwinV2 reads. Other keys of a yaml file
-    (TRAIN, AUG, ...) are accepted and ignored."""
+    """The official defaults of the keys that building a SwinV2 (and evaluating it) reads. Other keys
+    of a yaml file (TRAIN, AUG, ...) are accepted and ignored."""
     cfg = CfgNode()
     cfg.DATA = CfgNode()
     cfg.DATA.IMG_SIZE = 224
@@ -71,31 +85,73 @@ def default_config() -> CfgNode:
     s.APE = False
     s.PATCH_NORM = True
     s.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+    cfg.TEST = CfgNode()
+    cfg.TEST.CROP = True
     cfg.set_new_allowed(True)
     return cfg
 
 
-EMBEDDED_CONFIGS: Dict[str, dict] = {
-    # The FlashBias paper's model: configs/swinv2/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml
-    "swinv2_b_384": {"DATA": {"IMG_SIZE": 384},
-                     "MODEL": {"NAME": "swinv2_base_patch4_window12to24_192to384_22kto1k_ft",
-                               "SWINV2": {"EMBED_DIM": 128, "DEPTHS": [2, 2, 18, 2],
-                                          "NUM_HEADS": [4, 8, 16, 32], "WINDOW_SIZE": 24,
-                                          "PRETRAINED_WINDOW_SIZES": [12, 12, 12, 6]}}},
-    # A CPU-sized SwinV2 (window 8, N = 64): seconds per batch on a laptop CPU.
-    "small": {"DATA": {"IMG_SIZE": 256},
-              "MODEL": {"NAME": "swinv2_small_cpu_demo",
-                        "SWINV2": {"EMBED_DIM": 64, "DEPTHS": [2, 2, 4, 2], "NUM_HEADS": [2, 4, 8, 16],
-                                   "WINDOW_SIZE": 8, "PRETRAINED_WINDOW_SIZES": [0, 0, 0, 0]}}},
-    # For tests: 128 px, window 8 (the last stage's 4x4 map makes that layer's window 4).
-    "tiny": {"DATA": {"IMG_SIZE": 128},
-             "MODEL": {"NAME": "swinv2_tiny_test", "NUM_CLASSES": 10,
-                       "SWINV2": {"EMBED_DIM": 24, "DEPTHS": [2, 2, 2, 2], "NUM_HEADS": [1, 2, 4, 8],
-                                  "WINDOW_SIZE": 8, "PRETRAINED_WINDOW_SIZES": [0, 0, 0, 0]}}},
+@dataclass(frozen=True)
+class RegisteredConfig:
+    """A named SwinV2 config: a short display ``title`` and ``overrides`` of :func:`default_config`, in
+    the yaml files' layout."""
+    title: str
+    overrides: dict
+
+
+def _swinv2(img: int, embed: int, depths, heads, window: int, name: str, pretrained=None,
+            classes: Optional[int] = None) -> dict:
+    model = {"NAME": name, "SWINV2": {"EMBED_DIM": embed, "DEPTHS": list(depths), "NUM_HEADS": list(heads),
+                                      "WINDOW_SIZE": window,
+                                      "PRETRAINED_WINDOW_SIZES": list(pretrained or [0] * len(depths))}}
+    if classes is not None:
+        model["NUM_CLASSES"] = classes
+    return {"DATA": {"IMG_SIZE": img}, "MODEL": model}
+
+
+MODEL_CONFIGS: Dict[str, RegisteredConfig] = {
+    # the FlashBias paper's model: configs/swinv2/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml
+    "swinv2_b_384": RegisteredConfig(
+        "SwinV2-B/384 w24", _swinv2(384, 128, [2, 2, 18, 2], [4, 8, 16, 32], 24,
+                                    "swinv2_base_patch4_window12to24_192to384_22kto1k_ft", pretrained=[12, 12, 12, 6])),
+    # configs/swinv2/swinv2_base_patch4_window16_256.yaml and swinv2_tiny_patch4_window8_256.yaml
+    "b256": RegisteredConfig("SwinV2-B/256 w16", _swinv2(256, 128, [2, 2, 18, 2], [4, 8, 16, 32], 16,
+                                                         "swinv2_base_patch4_window16_256")),
+    "t256": RegisteredConfig("SwinV2-T/256 w8", _swinv2(256, 96, [2, 2, 6, 2], [3, 6, 12, 24], 8,
+                                                        "swinv2_tiny_patch4_window8_256")),
+    # window 8 (N = 64): seconds per batch on a laptop CPU
+    "small": RegisteredConfig("small-256 w8", _swinv2(256, 64, [2, 2, 4, 2], [2, 4, 8, 16], 8, "swinv2_small_cpu_demo")),
+    # quick checks: the last stage's 4x4 map clips its window to 4
+    "tiny": RegisteredConfig("tiny-128 w8", _swinv2(128, 24, [2, 2, 2, 2], [1, 2, 4, 8], 8, "swinv2_tiny_test",
+                                                    classes=10)),
+    # tests and the CPU benchmark: stage maps 16, 8, 4, 2, so shifted windows in stages 0-1 and windows
+    # clipped to the map (no shift) in stages 2-3
+    "test_tiny": RegisteredConfig("test-tiny-64 w8", _swinv2(64, 32, [2, 2, 2, 2], [2, 2, 4, 4], 8,
+                                                             "swinv2_test_tiny", classes=10)),
+    # tests: SwinV2-B-shaped, fine-tuned from smaller pre-training windows (they rescale the coordinates)
+    "test_b_shaped": RegisteredConfig("test-b-shaped-64 w8", _swinv2(64, 32, [2, 2, 2, 2], [2, 4, 4, 8], 8,
+                                                                     "swinv2_test_b_shaped", pretrained=[6, 6, 6, 4],
+                                                                     classes=10)),
+    # tests of slow paths (Triton interpreter, DDP): the smallest model with a shifted and a clipped window
+    "test_mini": RegisteredConfig("test-mini-32 w4", _swinv2(32, 16, [2, 2], [2, 2], 4, "swinv2_test_mini",
+                                                             classes=5)),
 }
-
-
+# other names of registered configs
+CONFIG_ALIASES = {"b384": "swinv2_b_384"}
 IMAGENET22K_CLASSES = 21841
+
+
+def config_names() -> List[str]:
+    """Every name :func:`load_config` accepts as ``embedded``: registered configs, then aliases."""
+    return list(MODEL_CONFIGS) + list(CONFIG_ALIASES)
+
+
+def registered_config(name: str) -> RegisteredConfig:
+    """The registered config called ``name`` (or an alias of it); :class:`UserError` naming the known ones."""
+    key = CONFIG_ALIASES.get(name, name)
+    if key not in MODEL_CONFIGS:
+        raise UserError(f"unknown config name {name!r}; registered: {', '.join(config_names())}")
+    return MODEL_CONFIGS[key]
 
 
 def _read_yaml_with_bases(path: str, seen: Tuple[str, ...] = ()) -> List[dict]:
@@ -130,35 +186,67 @@ def _read_yaml_with_bases(path: str, seen: Tuple[str, ...] = ()) -> List[dict]:
     return merged
 
 
-def load_config(cfg_path: Optional[str] = None, embedded: Optional[str] = None) -> CfgNode:
-    """The config of an official yaml file, or of an embedded one (see :data:`EMBEDDED_CONFIGS`).
+def _has_key(cfg: CfgNode, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CfgNode) or part not in node:
+            return False
+        node = node[part]
+    return True
 
-    Raises :class:`UserError` for a missing/invalid file, a value of the wrong type, or a model type
-    other than swinv2."""
+
+def apply_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
+    """``--opts KEY VALUE ...`` over ``cfg`` (yacs merge_from_list, as the official main.py); a key
+    the config does not have, an odd count or a value of the wrong type raise :class:`UserError`."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UserError(f"--opts takes KEY VALUE pairs; got {len(opts)} items: {' '.join(opts)}")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if not _has_key(cfg, key):
+            raise UserError(f"--opts: unknown config key {key!r} (keys look like DATA.IMG_SIZE or "
+                            f"MODEL.SWINV2.WINDOW_SIZE)")
+        try:
+            cfg.merge_from_list([key, value])
+        except (ValueError, KeyError, AssertionError, SyntaxError) as e:
+            raise UserError(f"--opts {key} {value}: {e}") from None
+
+
+def _check_config(cfg: CfgNode, source: str) -> None:
+    if str(cfg.MODEL.TYPE).lower() != "swinv2":
+        raise UserError(f"config {source} describes MODEL.TYPE={cfg.MODEL.TYPE!r}; these scripts handle "
+                        f"SwinV2 (MODEL.TYPE: swinv2)")
+    s = cfg.MODEL.SWINV2
+    if not (len(s.DEPTHS) == len(s.NUM_HEADS) == len(s.PRETRAINED_WINDOW_SIZES)):
+        raise UserError(f"config {source}: DEPTHS, NUM_HEADS and PRETRAINED_WINDOW_SIZES need one entry "
+                        f"per stage; got {list(s.DEPTHS)}, {list(s.NUM_HEADS)}, {list(s.PRETRAINED_WINDOW_SIZES)}")
+
+
+def load_config(cfg_path: Optional[str] = None, embedded: Optional[str] = None,
+                opts: Optional[Sequence[str]] = None) -> CfgNode:
+    """The (frozen) config of an official yaml file or of a registered one (``embedded``, see
+    :data:`MODEL_CONFIGS`), then ``opts`` (``KEY VALUE ...``). ``cfg.SOURCE`` says where it came from.
+
+    Raises :class:`UserError` for a missing/invalid file, an unknown name or key, a value of the wrong
+    type, or a model type other than swinv2."""
+    if (cfg_path is None) == (embedded is None):
+        raise UserError("give a config file (--cfg) or a registered config name (--embedded), one of them")
     cfg = default_config()
     if embedded is not None:
-        if embedded not in EMBEDDED_CONFIGS:
-            raise UserError(f"unknown embedded config {embedded!r}; have {sorted(EMBEDDED_CONFIGS)}")
-        layers = [EMBEDDED_CONFIGS[embedded]]
-        source = f"embedded:{embedded}"
+        layers, source = [registered_config(embedded).overrides], f"embedded:{embedded}"
     else:
-        layers = _read_yaml_with_bases(cfg_path)
-        source = cfg_path
+        layers, source = _read_yaml_with_bases(cfg_path), cfg_path
     for data in layers:
         try:
             cfg.merge_from_other_cfg(CfgNode(data))
         except (ValueError, KeyError, AssertionError) as e:
             raise UserError(f"config {source}: {e}") from None
-    if str(cfg.MODEL.TYPE).lower() != "swinv2":
-        raise UserError(f"config {source} describes MODEL.TYPE={cfg.MODEL.TYPE!r}; these scripts handle "
-                        f"SwinV2 (MODEL.TYPE: swinv2)")
     # the official data/build.py sets the class count from the dataset: a 22k config's head has 21841
     if str(cfg.DATA.DATASET) == "imagenet22K":
         cfg.MODEL.NUM_CLASSES = IMAGENET22K_CLASSES
-    s = cfg.MODEL.SWINV2
-    if not (len(s.DEPTHS) == len(s.NUM_HEADS) == len(s.PRETRAINED_WINDOW_SIZES)):
-        raise UserError(f"config {source}: DEPTHS, NUM_HEADS and PRETRAINED_WINDOW_SIZES need one entry "
-                        f"per stage; got {list(s.DEPTHS)}, {list(s.NUM_HEADS)}, {list(s.PRETRAINED_WINDOW_SIZES)}")
+    if opts:
+        apply_opts(cfg, opts)
+        source += " --opts " + " ".join(opts)
+    _check_config(cfg, source)
     cfg.SOURCE = source
     cfg.freeze()
     return cfg
@@ -173,12 +261,68 @@ def describe_config(cfg: CfgNode) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The drop-in model
+# The command line
+# ----------------------------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser, embedded_default: Optional[str] = None
+                   ) -> argparse._ArgumentGroup:
+    """Declare ``--cfg/--resume/--embedded/--seed/--opts`` (checked by :func:`model_from_args`).
+    ``embedded_default`` only documents what the script uses when no model is named."""
+    g = parser.add_argument_group("model: --cfg with --resume, or --embedded NAME")
+    g.add_argument("--cfg", metavar="CONFIG.yaml", help="official SwinV2 yaml config (configs/swinv2/...)")
+    g.add_argument("--resume", metavar="CHECKPOINT.pth", help="checkpoint of that model")
+    g.add_argument("--embedded", metavar="NAME",
+                   help=f"instead of --cfg: a registered config ({', '.join(config_names())}); without "
+                        f"--resume it gets seeded trained-like weights"
+                        + (f" (default {embedded_default})" if embedded_default else ""))
+    g.add_argument("--seed", type=int, default=0, help="seed of the trained-like weights (default 0)")
+    g.add_argument("--opts", nargs="+", metavar="KEY VALUE",
+                   help="config overrides applied after the yaml, as the official main.py, e.g. "
+                        "--opts DATA.IMG_SIZE 256 MODEL.SWINV2.WINDOW_SIZE 16")
+    return g
+
+
+def rank_rule_option(option: str, rule: str) -> Optional[dict]:
+    """``flash_bias_factors.parse_rank_rule`` of a rule given with ``option``; :class:`UserError` naming both."""
+    try:
+        return flash_bias_factors.parse_rank_rule(rule)
+    except ValueError as e:
+        raise UserError(f"{option} {rule}: {e}") from None
+
+
+def names_a_model(args: argparse.Namespace) -> bool:
+    """Whether the user named a model (``--cfg`` or ``--embedded``)."""
+    return args.cfg is not None or args.embedded is not None
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """The combinations of ``--cfg/--resume/--embedded`` that make no sense: :class:`UserError`."""
+    if args.cfg is not None and args.embedded is not None:
+        raise UserError(f"give --cfg {args.cfg} or --embedded {args.embedded}, not both")
+    if args.cfg is not None and args.resume is None:
+        raise UserError("--cfg needs --resume CHECKPOINT.pth: these scripts work on trained weights "
+                        "(--embedded NAME alone gives trained-like random ones)")
+    if args.resume is not None and not names_a_model(args):
+        raise UserError(f"--resume {args.resume} needs --cfg CONFIG.yaml (or --embedded NAME): a checkpoint "
+                        f"does not say which model it is")
+
+
+def model_from_args(args: argparse.Namespace, default_embedded: Optional[str] = None,
+                    verbose: bool = True) -> Tuple[CfgNode, torch.nn.Module]:
+    """(cfg, model in eval mode) from the arguments of :func:`add_model_args`; ``default_embedded``
+    when none names a model (else :class:`UserError`)."""
+    check_model_args(args)
+    embedded = args.embedded if names_a_model(args) else default_embedded
+    if args.cfg is None and embedded is None:
+        raise UserError("give --cfg CONFIG.yaml --resume CHECKPOINT.pth (or --embedded NAME to try it out)")
+    return build_from_args(args.cfg, args.resume, embedded=embedded, seed=args.seed, verbose=verbose,
+                           opts=args.opts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
 # ----------------------------------------------------------------------------------------------
 def import_dropin():
     """The drop-in module ``swin_transformer_v2`` at this repository's root."""
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
     try:
         import swin_transformer_v2
     except ImportError as e:
@@ -186,33 +330,60 @@ def import_dropin():
     return swin_transformer_v2
 
 
-def build_model(cfg: CfgNode) -> torch.nn.Module:
-    """The drop-in SwinTransformerV2 with the arguments the official models/build.py passes."""
+def model_kwargs(cfg: CfgNode) -> dict:
+    """The SwinTransformerV2 constructor arguments the official models/build.py passes for ``cfg``."""
     s = cfg.MODEL.SWINV2
-    dropin = import_dropin()
-    return dropin.SwinTransformerV2(
-        img_size=cfg.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
-        num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=s.EMBED_DIM, depths=list(s.DEPTHS),
-        num_heads=list(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
-        qkv_bias=s.QKV_BIAS, drop_rate=cfg.MODEL.DROP_RATE, drop_path_rate=cfg.MODEL.DROP_PATH_RATE,
-        ape=s.APE, patch_norm=s.PATCH_NORM, use_checkpoint=False,
-        pretrained_window_sizes=list(s.PRETRAINED_WINDOW_SIZES))
+    return dict(img_size=cfg.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
+                num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=s.EMBED_DIM, depths=list(s.DEPTHS),
+                num_heads=list(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
+                qkv_bias=s.QKV_BIAS, drop_rate=cfg.MODEL.DROP_RATE, drop_path_rate=cfg.MODEL.DROP_PATH_RATE,
+                ape=s.APE, patch_norm=s.PATCH_NORM, pretrained_window_sizes=list(s.PRETRAINED_WINDOW_SIZES))
 
 
-# Buffers the official model stores in its checkpoints and rebuilds from the config; a drop-in may
-# name or shape them differently, so they never decide whether a checkpoint fits.
+def build_model(cfg: CfgNode) -> torch.nn.Module:
+    """The drop-in SwinTransformerV2 of ``cfg`` (freshly initialised, train mode)."""
+    return import_dropin().SwinTransformerV2(**model_kwargs(cfg))
+
+
+# Buffers the official model rebuilds from the config; a checkpoint may lack them or shape them differently
 _REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 
 
+def build_timm_model(cfg: Union[CfgNode, dict], state_dict: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """timm's independent SwinTransformerV2 (eval mode, no dropout) with the weights of ``state_dict``
+    (a drop-in model's), mapped through timm's checkpoint_filter_fn. ``cfg``: a config or the
+    :func:`model_kwargs` of one. Raises RuntimeError when timm cannot express the model or the weights
+    do not map."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
+    kw = model_kwargs(cfg) if isinstance(cfg, CfgNode) else dict(cfg)
+    if kw.get("ape") or not kw.get("patch_norm", True):
+        raise RuntimeError("timm's SwinTransformerV2 has no absolute position embedding and always "
+                           "normalises patches (APE / PATCH_NORM)")
+    depths = tuple(kw["depths"])
+    model = SwinTransformerV2(
+        img_size=kw["img_size"], patch_size=kw.get("patch_size", 4), in_chans=kw.get("in_chans", 3),
+        num_classes=kw["num_classes"], embed_dim=kw["embed_dim"], depths=depths, num_heads=tuple(kw["num_heads"]),
+        window_size=kw["window_size"], mlp_ratio=kw.get("mlp_ratio", 4.0), qkv_bias=kw.get("qkv_bias", True),
+        pretrained_window_sizes=tuple(kw.get("pretrained_window_sizes") or [0] * len(depths)),
+        drop_rate=0.0, drop_path_rate=0.0)
+    missing, unexpected = model.load_state_dict(checkpoint_filter_fn(dict(state_dict), model), strict=False)
+    missing = [k for k in missing if not k.endswith(("k_bias",) + _REBUILT_BUFFERS)]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map onto timm's model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """The state dict of a checkpoint file: ``ckpt["model"]`` if present, else the file itself."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/foreign files
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+    try:  # the official trainer's checkpoints hold a yacs config: a plain weights_only load refuses them
+        ckpt = safe_checkpoint.load_checkpoint(path, map_location="cpu")
+    except safe_checkpoint.CheckpointError as e:
+        raise UserError(f"cannot read checkpoint {e}") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint {path} holds no model state dict (expected a dict of tensors or "
@@ -256,10 +427,11 @@ def load_checkpoint(model: torch.nn.Module, path: str, cfg_name: str = "the conf
 
 
 def build_from_args(cfg_path: Optional[str], resume: Optional[str], embedded: Optional[str] = None,
-                    seed: int = 0, verbose: bool = True):
-    """(cfg, model in eval mode): from ``--cfg/--resume``, or an embedded config with seeded
-    trained-like weights when ``resume`` is None."""
-    cfg = load_config(cfg_path, embedded=None if cfg_path else embedded)
+                    seed: int = 0, verbose: bool = True, opts: Optional[Sequence[str]] = None
+                    ) -> Tuple[CfgNode, torch.nn.Module]:
+    """(cfg, model in eval mode) of a yaml file or a registered config (one of them), with the
+    checkpoint ``resume`` or, when that is None, seeded trained-like weights."""
+    cfg = load_config(cfg_path, embedded=embedded, opts=opts)
     torch.manual_seed(seed)
     model = build_model(cfg)
     if resume:
@@ -278,43 +450,139 @@ def build_from_args(cfg_path: Optional[str], resume: Optional[str], embedded: Op
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give ``model`` (in place) weight statistics like a trained SwinV2, seeded:
+    """Give ``model`` (in place; a SwinV2 or any part of one) weight statistics like a trained SwinV2:
 
+    * linear weights ~ 0.02 N(0, 1), the patch-embedding convolution ~ 0.05 N(0, 1), q_bias / v_bias
+      ~ 0.02 N(0, 1);
     * every attention's continuous-position-bias MLP: cpb_mlp[0].weight ~ N(0, 1),
       cpb_mlp[0].bias ~ 0.5 N(0, 1), cpb_mlp[2].weight ~ 0.05 N(0, 1) (a bias of several logits,
-      smooth over relative positions, of some but not full rank);
-    * logit_scale ~ U(ln 5, ln 40) per head;
+      smooth over relative positions, of some but not full rank), and logit_scale ~ U(ln 5, ln 40);
     * res-post-norm norm1/norm2 of every block: weight ~ 0.5 + 0.1 N(0, 1), bias ~ 0.02 N(0, 1)
       (SwinV2 zero-initialises them, which hides attention from the output).
 
-    Other parameters keep their initialisation (seed the global RNG before building for those).
-    """
+    Drawn in that order from one generator seeded with ``seed``; other parameters keep their
+    initialisation."""
     gen = torch.Generator().manual_seed(seed)
-    normal = lambda t: torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t)
+
+    def draw(t: torch.Tensor, std: float = 1.0, mean: float = 0.0) -> None:
+        t.copy_((torch.randn(t.shape, generator=gen) * std + mean).to(t))
+
+    attentions = [m for m in model.modules() if isinstance(getattr(m, "cpb_mlp", None), torch.nn.Sequential)]
+    cpb_layers = {id(layer) for attn in attentions for layer in attn.cpb_mlp}
     for module in model.modules():
-        cpb = getattr(module, "cpb_mlp", None)
-        if cpb is not None:
-            cpb[0].weight.copy_(normal(cpb[0].weight))
-            if cpb[0].bias is not None:
-                cpb[0].bias.copy_(0.5 * normal(cpb[0].bias))
-            cpb[2].weight.copy_(0.05 * normal(cpb[2].weight))
-        scale = getattr(module, "logit_scale", None)
-        if isinstance(scale, torch.Tensor):
-            u = torch.rand(scale.shape, generator=gen, dtype=torch.float64)
-            lo, hi = torch.log(torch.tensor(5.0, dtype=torch.float64)), torch.log(torch.tensor(40.0, dtype=torch.float64))
-            scale.copy_((lo + (hi - lo) * u).to(scale))
-        for norm_name in ("norm1", "norm2"):
-            norm = getattr(module, norm_name, None)
-            if isinstance(norm, torch.nn.LayerNorm) and hasattr(module, "attn"):
-                norm.weight.copy_(0.5 + 0.1 * normal(norm.weight))
-                norm.bias.copy_(0.02 * normal(norm.bias))
+        if isinstance(module, torch.nn.Linear) and id(module) not in cpb_layers:
+            draw(module.weight, 0.02)
+        elif isinstance(module, torch.nn.Conv2d):
+            draw(module.weight, 0.05)
+        for name in ("q_bias", "v_bias"):
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                draw(getattr(module, name), 0.02)
+    for attn in attentions:
+        cpb = attn.cpb_mlp
+        draw(cpb[0].weight)
+        if cpb[0].bias is not None:
+            draw(cpb[0].bias, 0.5)
+        draw(cpb[2].weight, 0.05)
+        u = torch.rand(attn.logit_scale.shape, generator=gen)
+        attn.logit_scale.copy_((u * (math.log(40) - math.log(5)) + math.log(5)).to(attn.logit_scale))
+    for module in model.modules():
+        if hasattr(module, "attn"):
+            for norm in (getattr(module, "norm1", None), getattr(module, "norm2", None)):
+                if isinstance(norm, torch.nn.LayerNorm):
+                    draw(norm.weight, 0.1, 0.5)
+                    draw(norm.bias, 0.02)
     return model
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+@torch.no_grad()
+def trained_like_bias(num_heads: int, window_size: Union[int, Sequence[int]],
+                      pretrained_window_size: Union[int, Sequence[int]] = 0, seed: int = 0) -> torch.Tensor:
+    """(H, N, N) float32: the relative-position bias of the drop-in's WindowAttention with
+    :func:`trained_like_` weights (``derive_bias``), N = window height * width."""
+    attn = import_dropin().WindowAttention(dim=num_heads, window_size=_pair(window_size), num_heads=num_heads,
+                                           pretrained_window_size=_pair(pretrained_window_size))
+    trained_like_(attn, seed)
+    return attn.derive_bias().detach().float()
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """torch's CPU thread count set to ``count`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against the reference ``b``, in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def smooth_images(batch: int, img_size: int, seed: int = 0, channels: int = 3) -> torch.Tensor:
     """(batch, channels, img_size, img_size) float32 seeded smooth random images, roughly ImageNet-
-    normalised: bilinear upsampling of an 8x8 noise grid plus a little fine noise."""
+    normalised: bicubic upsampling of an 8x8 noise grid plus a little fine noise."""
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(batch, channels, 8, 8, generator=gen)
     x = torch.nn.functional.interpolate(coarse, size=(img_size, img_size), mode="bicubic", align_corners=False)
     return x + 0.1 * torch.randn(x.shape, generator=gen)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend: no display needed), or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folders: all or nothing
+# ----------------------------------------------------------------------------------------------
+PREVIOUS_SUFFIX = ".previous"
+
+
+@contextlib.contextmanager
+def replaced_folder(out: str, marker: str, describe: Optional[Callable[[str], str]] = None,
+                    option: str = "--out") -> Iterator[str]:
+    """Yield a new temporary folder beside ``out`` to write into; when the block ends without an
+    exception it becomes ``out`` in two renames, so ``out`` holds one run's files, never a mix of two.
+
+    An existing ``out`` must hold ``marker`` (the file this kind of output always has) or be empty:
+    anything else is refused (:class:`UserError`), never moved. It is kept as ``out.previous`` (an
+    older ``.previous`` is removed); ``describe(out)`` says what it held, printed before the work
+    starts. An exception (or Ctrl-C) removes the temporary folder and leaves ``out`` as it was."""
+    out = os.path.normpath(out)
+    previous = out + PREVIOUS_SUFFIX
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UserError(f"{option} {out} is a file, not a folder")
+        if os.listdir(out) and not os.path.exists(os.path.join(out, marker)):
+            raise UserError(f"{option} {out} is a folder with other files (no {marker}); give a new or "
+                            f"empty folder, or one this script wrote")
+        what = describe(out) if describe else "an earlier run's output"
+        print(f"{option} {out} exists ({what}): it is replaced when this run completes; the old folder "
+              f"is kept as {previous}", flush=True)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(out):
+        if os.path.exists(previous):
+            shutil.rmtree(previous)
+        os.rename(out, previous)
+    os.rename(tmp, out)

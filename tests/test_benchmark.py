@@ -1,4 +1,5 @@
-"""scripts/benchmark.py on the CPU: the tiny config end to end (markdown, JSON, plot, profile), user errors."""
+"""The benchmarks on the CPU: benchmarks/bench_model.py end to end on the tests' small config (markdown, JSON,
+plot, profile), its user errors, and benchmarks/bench_attention.py (every variant runs)."""
 import importlib.util
 import json
 import os
@@ -8,14 +9,15 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_model.py")
+ATTENTION_SCRIPT = os.path.join(ROOT, "benchmarks", "bench_attention.py")
 
 
-def run_benchmark(*args, expect=0):
+def run_benchmark(*args, expect=0, script=SCRIPT):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("FLASHBIAS_") and k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, SCRIPT] + [str(a) for a in args]
+    cmd = [sys.executable, script] + [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == expect, f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout, proc.stderr
@@ -56,7 +58,8 @@ def test_outputs_and_rows(tiny_run):
         assert rows["timm SwinTransformerV2"]["top1"] == 1.0
     low = rows["FlashBias low-rank logit:0.05"]
     assert "low-rank" in low["ranks"] and low["rel_l2"] < 0.1
-    assert data["meta"]["command"].startswith("scripts/benchmark.py") and "--tiny" in data["meta"]["command"]
+    assert data["meta"]["command"].startswith("benchmarks/bench_model.py") and "--tiny" in data["meta"]["command"]
+    assert list(data["meta"]["models"]) == ["test_tiny"] and {r["model"] for r in data["rows"]} == {"test-tiny-64 w8"}
     assert data["meta"]["torch"] and data["meta"]["triton"]
 
     text = md.read_text()
@@ -65,7 +68,7 @@ def test_outputs_and_rows(tiny_run):
         assert f"| {method} |" in text
     exact_line = next(line for line in text.splitlines() if "| FlashBias exact |" in line)
     assert "| 100.0% |" in exact_line
-    assert "scripts/benchmark.py --tiny" in text
+    assert "benchmarks/bench_model.py --tiny" in text
 
     # the live table and the profile
     assert "FlashBias exact" in stdout and "official math" in stdout
@@ -86,9 +89,32 @@ def test_plot(tiny_run):
 
 def test_user_errors_exit_2(tmp_path):
     _, stderr = run_benchmark("--tiny", "--out-dir", tmp_path, "--rules", "bogus:1", expect=2)
-    assert stderr.startswith("error:") and "Traceback" not in stderr
+    assert stderr.startswith("error: --rules bogus:1: FlashBias: bad rank rule 'bogus:1'") and "Traceback" not in stderr
     _, stderr = run_benchmark("--tiny", "--out-dir", tmp_path, "--iters", 0, expect=2)
-    assert "Traceback" not in stderr
+    assert stderr.startswith("error: --warmup, --iters and --batch must be >= 1") and "Traceback" not in stderr
+
+
+def test_bench_attention_cpu(tmp_path):
+    """Every variant runs on the CPU (float32 inputs; a float16 mask once failed the SDPA row) and agrees
+    with the reference; the markdown table has them all."""
+    stdout, _ = run_benchmark("--out", tmp_path / "attention.md", script=ATTENTION_SCRIPT)
+    assert "FAILED" not in stdout
+    rows = [line for line in (tmp_path / "attention.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")]
+    labels = [row.split(" | ")[0][2:] for row in rows]
+    assert labels == ["official math", "SDPA, dense bias+mask as attn_mask",
+                      "SDPA on [q,q_bias]/[k,k_bias], R=16, mask as one-hot columns",
+                      "SDPA with no bias and no mask (wrong answer; the floor)",
+                      "FlashBias exact, float32 bias (window layout)", "FlashBias exact, float16 bias (window layout)",
+                      "FlashBias low-rank R=16 (window layout)",
+                      "FlashBias exact, float32 bias, image layout (shift+partition inside)"]
+    errors = {label: float(row.rsplit(" | ", 1)[1].strip(" |")) for label, row in zip(labels, rows)}
+    for label in ("SDPA, dense bias+mask as attn_mask", "FlashBias exact, float32 bias (window layout)",
+                  "FlashBias exact, float32 bias, image layout (shift+partition inside)"):
+        assert errors[label] < 1e-5, (label, errors[label])
+    assert errors["FlashBias low-rank R=16 (window layout)"] == pytest.approx(
+        errors["SDPA on [q,q_bias]/[k,k_bias], R=16, mask as one-hot columns"], rel=1e-2)
+    assert errors["SDPA with no bias and no mask (wrong answer; the floor)"] > 0.1
 
 
 def _load_script():
