@@ -981,13 +981,19 @@ class ForwardGraphs:
         self.capture = capture or _capture_cuda_graph  # tests give a fake
         self.entries = collections.OrderedDict()  # key -> (replay, static input, static output)
         self.seen = collections.OrderedDict()  # keys seen once, not captured yet
+        self.tensors, self.tensors_version = [], None  # the model's parameters and buffers, gathered once
         self.storage = None
         self.pool = None
         self.capturing = False
 
     def run(self, model, x):
         """model(x) from a graph, or None: run eagerly (a key seen the first time)."""
-        storage = _storage_signature(model)
+        # walking the module tree costs ~1.7 ms at SwinV2-B (0.08 ms for the list): gather it again only when a
+        # parameter, buffer or submodule was (re)assigned anywhere; new storage of the same objects shows in data_ptr
+        if self.tensors_version != _registrations[0]:
+            self.tensors = list(itertools.chain(model.parameters(), model.buffers()))
+            self.tensors_version = _registrations[0]
+        storage = tuple((t.data_ptr(), t.dtype) for t in self.tensors)
         if storage != self.storage:
             self.entries.clear()
             self.storage, self.pool = storage, None
@@ -1038,8 +1044,18 @@ def _capture_cuda_graph(fn, pool):
     return graph.replay, output, graph.pool()
 
 
-def _storage_signature(model):
-    return tuple((t.data_ptr(), t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
+# How many parameters, buffers and submodules were assigned to any module of the process: the CUDA graphs gather
+# a model's tensors again when it moves. Process-wide hooks, as torch offers them; each costs one increment.
+_registrations = [0]
+
+
+def _count_registration(*args):
+    _registrations[0] += 1
+
+
+for _register in ("register_module_parameter_registration_hook", "register_module_buffer_registration_hook",
+                  "register_module_module_registration_hook"):
+    getattr(torch.nn.modules.module, _register)(_count_registration)
 
 
 def _autocast_state():

@@ -31,11 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 from swin_config import REPO_ROOT, UserError, build_model, load_config, run_main, smooth_images, trained_like_  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from bench_model import device_slug, sync  # noqa: E402
 
 
 def wall_ms(fn, device, iters):
@@ -98,19 +94,19 @@ def measure_batch(key, model, x, compile_it, iters, device):
     model.set_flash_bias(fused=False, cuda_graphs=False)
     run(model, x, device)
     row["official_ms"] = wall_ms(lambda: run(model, x, device), device, official_iters)
-    model.set_flash_bias(cuda_graphs=False)
+    model.set_flash_bias(fused=True, cuda_graphs=False)
     eager = run(model, x, device).float()
     row["eager_ms"] = wall_ms(lambda: run(model, x, device), device, iters)
     row["host_ms"] = host_ms(lambda: run(model, x, device), device, iters)
     row["gpu_ms"], row["kernels"] = gpu_ms(lambda: run(model, x, device), device)
-    model.set_flash_bias(cuda_graphs=True)
+    model.set_flash_bias(fused=True, cuda_graphs=True)
     for _ in range(3):  # resolve, first sight, capture
         run(model, x, device)
     replayed = run(model, x, device).float()
     row["graph_ms"] = wall_ms(lambda: run(model, x, device), device, iters)
     row["graph_equals_eager"] = bool(torch.equal(replayed, eager))
     if compile_it:
-        model.set_flash_bias(cuda_graphs=False)
+        model.set_flash_bias(fused=True, cuda_graphs=False)
         for mode in ("default", "reduce-overhead"):
             torch._dynamo.reset()
             compiled = torch.compile(model, mode=None if mode == "default" else mode)
@@ -122,7 +118,6 @@ def measure_batch(key, model, x, compile_it, iters, device):
             row[f"compile_{mode}_ms"] = wall_ms(lambda: run(compiled, x, device), device, iters)
             row[f"compile_{mode}_rel_err"] = ((out - eager).norm() / eager.norm()).item()
         torch._dynamo.reset()
-        model.set_flash_bias(cuda_graphs=True)
     return row
 
 
@@ -180,8 +175,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if cuda else "CPU"
     meta = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "command": "python benchmarks/bench_batch_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = args.out or (os.path.join(REPO_ROOT, "benchmarks", "batch_sweep_" + name.lower().replace(" ", "-") + ".md")
-                       if cuda else None)
+    out = args.out or (os.path.join(REPO_ROOT, "benchmarks", f"batch_sweep_{device_slug(name)}.md") if cuda else None)
     if out:
         write_markdown(out, meta, rows)
         with open(os.path.splitext(out)[0] + ".json", "w") as f:

@@ -11,8 +11,8 @@ validates) on one batch of seeded smooth random images and reports:
 
 * ms/batch: median over ``--iters`` timed batches (CUDA events around each batch) after ``--warmup``
   untimed ones; speed-up = official ms / method ms; images/s = batch / median;
-* peak GB: torch.cuda.max_memory_allocated over the timed batches (reset per method; it includes the
-  model's weights and the input);
+* peak GB: torch.cuda.max_memory_allocated from the first call of a method to its last timed batch
+  (reset per method; it includes the model's weights, the input, and a CUDA graph's memory pool);
 * logit rel. L2 and top-1 agreement against the official math at the same precision, and the rel. L2
   against the official math in float32 (no autocast), for scale.
 
@@ -112,8 +112,11 @@ def forward(model, x, device, dtype):
 
 @torch.no_grad()
 def measure(model, x, device, dtype, warmup, iters):
-    """(logits of the first call as float32, {first_call_s, ms: [per batch], peak_bytes})."""
+    """(logits of the first call as float32, {first_call_s, ms: [per batch], peak_bytes}). The peak covers every
+    call from the first: a CUDA graph's memory is taken when it is captured, during the warm-up."""
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     logits = forward(model, x, device, dtype).float()
     sync(device)
@@ -123,7 +126,6 @@ def measure(model, x, device, dtype, warmup, iters):
     sync(device)
     ms = []
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for start, end in events:
             start.record()
@@ -252,7 +254,7 @@ def write_markdown(path, meta, rows, profile_lines):
         f"- batch {meta['batch']}, eval mode under torch.no_grad(); precision: torch.autocast (as the official "
         f"main.py), fp32 = no autocast",
         f"- ms / batch: median of {meta['iters']} timed batches after {meta['warmup']} warm-up batches, "
-        f"{timing}; peak GB: torch.cuda.max_memory_allocated over the timed batches (weights and input included); "
+        f"{timing}; peak GB: torch.cuda.max_memory_allocated from each method's first call (weights, input and CUDA graph pool included); "
         f"first-call times (Triton JIT, bias derivation, torch.compile) and every batch's time are in the JSON",
         f"- inputs: seeded smooth random images (seed {meta['seed']}); weights: seeded trained-like random "
         f"(cpb_mlp, logit_scale, res-post-norm scales ~0.5; scripts/swin_config.trained_like_)",

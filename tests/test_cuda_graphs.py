@@ -76,6 +76,8 @@ def test_new_weight_storage_drops_the_graphs_in_place_updates_do_not():
         attn.logit_scale = torch.nn.Parameter(attn.logit_scale.detach().clone())  # new storage
         assert graphs.run(model, x) is None and not graphs.entries  # dropped; the key starts over
         assert torch.equal(graphs.run(model, x), model(x)) and fake.captures == 2
+        model.head.weight.data = model.head.weight.data.clone()  # new storage, no registration
+        assert graphs.run(model, x) is None and not graphs.entries
 
 
 def test_at_most_max_graphs():
