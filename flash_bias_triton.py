@@ -63,7 +63,9 @@ the inputs suit it, "triton" the kernel or an error, "torch" PyTorch. The low-ra
 factor files) live in ``flash_bias_factors.py``.
 """
 import math
+import numbers
 import os
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -76,7 +78,7 @@ try:
 except ImportError:  # a CPU-only machine without Triton still gets the PyTorch path
     triton = None
 
-__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "add_layer_norm",
+__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "add_layer_norm", "cpb_table", "tracing_or_exporting",
            "bias_from_table", "shifted_window_region_ids", "region_mask", "kernel_available", "MASK_VALUE",
            "MAX_LOGIT_SCALE", "NORM_EPS", "MAX_RANK", "MAX_HEAD_DIM", "BACKENDS"]
 
@@ -399,7 +401,7 @@ def _qk_scale(logit_scale: Optional[torch.Tensor], scale: Optional[float], head_
     if scale is None:
         return head_dim ** -0.5
     # a Python number only: a tensor's value would have to be read back from the GPU (a host sync per call)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python float (the official qk_scale or head_dim ** -0.5); got "
                          f"{scale!r}")
     return float(scale)
@@ -583,6 +585,29 @@ def kernel_available(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Kernel or PyTorch: one decision for every entry point
 # ----------------------------------------------------------------------------------------------
+# Inside a Dynamo trace torch 2.11 answers torch.compiler.is_exporting() with True for torch.compile too (measured;
+# 2.14 answers False), which sent compiled models to the plain math: there it is believed only from 2.14 on.
+# Non-strict export, the default of torch.export and torch.onnx.export, traces outside Dynamo and is always seen.
+_DYNAMO_REPORTS_EXPORT = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()) >= (2, 14)
+
+
+def tracing_or_exporting() -> bool:
+    """Whether torch.jit (trace, script), torch.fx, torch.export or torch.onnx is recording the model: they need
+    the plain PyTorch math, which they all understand, not the kernels (torch.compile keeps the kernels)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return True
+    symbolic_trace = getattr(torch.fx, "_symbolic_trace", None)
+    # is_fx_tracing warns on every call in newer torch, which added is_fx_symbolic_tracing for this question
+    fx_tracing = getattr(symbolic_trace, "is_fx_symbolic_tracing", getattr(symbolic_trace, "is_fx_tracing", None))
+    if fx_tracing is not None and fx_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    if is_exporting is None or not is_exporting():
+        return False
+    in_dynamo = getattr(torch.compiler, "is_dynamo_compiling", None)
+    return _DYNAMO_REPORTS_EXPORT or in_dynamo is None or not in_dynamo()
+
+
 def _needs_grad(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -1017,6 +1042,101 @@ def bias_from_table(table: torch.Tensor, index: torch.Tensor, *, sigmoid_scale: 
         return _bias_from_table_torch(table, index, sigmoid_scale, center_rows, out_dtype)
     return _through_op(_bias_from_table_op, _bias_from_table_launch)(table, index, sigmoid_scale, center_rows,
                                                                       out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# SwinV2's continuous position bias table: the cpb MLP in one launch
+# ----------------------------------------------------------------------------------------------
+CPB_BLOCK_K = 32   # hidden units per step of the table kernel; SwinV2's 512 is a multiple
+
+if triton is not None:
+
+    @triton.jit
+    def _cpb_table_fwd(coords_ptr, w0_ptr, b0_ptr, w2_ptr, out_ptr, rows, num_heads,
+                       stride_coords, stride_w0, stride_w2, stride_out,
+                       HIDDEN: tl.constexpr, HEADS_PAD: tl.constexpr, HAS_B0: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_T rows of relu(coords @ w0^T + b0) @ w2^T; the hidden layer never leaves registers."""
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_valid = offs_t < rows
+        c0 = tl.load(coords_ptr + offs_t * stride_coords, mask=t_valid, other=0.0).to(tl.float32)
+        c1 = tl.load(coords_ptr + offs_t * stride_coords + 1, mask=t_valid, other=0.0).to(tl.float32)
+        offs_h = tl.arange(0, HEADS_PAD)
+        h_valid = offs_h < num_heads
+        acc = tl.zeros([BLOCK_T, HEADS_PAD], dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            hidden = (c0[:, None] * tl.load(w0_ptr + offs_k * stride_w0).to(tl.float32)[None, :]
+                      + c1[:, None] * tl.load(w0_ptr + offs_k * stride_w0 + 1).to(tl.float32)[None, :])
+            if HAS_B0:
+                hidden += tl.load(b0_ptr + offs_k).to(tl.float32)[None, :]
+            w2 = tl.load(w2_ptr + offs_h[None, :] * stride_w2 + offs_k[:, None], mask=h_valid[None, :], other=0.0)
+            # ieee: the table feeds a sigmoid scaled by 16; tf32 would cost ~1e-3 logits for no measurable time
+            acc = tl.dot(tl.maximum(hidden, 0.0), w2.to(tl.float32), acc, input_precision="ieee")
+        tl.store(out_ptr + offs_t[:, None] * stride_out + offs_h[None, :], acc,
+                 mask=t_valid[:, None] & h_valid[None, :])
+
+
+def _cpb_table_launch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                      w2: torch.Tensor) -> torch.Tensor:
+    coords, w0, w2 = coords.contiguous(), w0.contiguous(), w2.contiguous()
+    rows, num_heads = coords.shape[0], w2.shape[0]
+    out = torch.empty((rows, num_heads), device=coords.device, dtype=torch.float32)
+    if POISON_OUTPUT:
+        out.fill_(float("nan"))
+    block_t = 32
+    _cpb_table_fwd[(triton.cdiv(rows, block_t),)](
+        coords, w0, b0.contiguous() if b0 is not None else w0, w2, out, rows, num_heads,
+        coords.stride(0), w0.stride(0), w2.stride(0), out.stride(0), HIDDEN=w0.shape[0],
+        HEADS_PAD=max(16, _next_pow2(num_heads)), HAS_B0=b0 is not None, BLOCK_T=block_t, BLOCK_K=CPB_BLOCK_K)
+    return out
+
+
+@torch.library.custom_op(_op_name("cpb_table"), mutates_args=())
+def _cpb_table_op(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                  w2: torch.Tensor) -> torch.Tensor:
+    return _cpb_table_launch(coords, w0, b0, w2)
+
+
+@_cpb_table_op.register_fake
+def _(coords, w0, b0, w2):
+    return coords.new_empty((coords.shape[0], w2.shape[0]), dtype=torch.float32)
+
+
+def _cpb_table_torch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                     w2: torch.Tensor) -> torch.Tensor:
+    """The readable definition of :func:`cpb_table`: SwinV2's ``cpb_mlp`` in float32 (differentiable)."""
+    compute = torch.promote_types(coords.dtype, torch.float32)
+    hidden = F.relu(F.linear(coords.to(compute), w0.to(compute), None if b0 is None else b0.to(compute)))
+    return F.linear(hidden, w2.to(compute))
+
+
+def cpb_table(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w2: torch.Tensor, *,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """SwinV2's continuous-position-bias table ``relu(coords @ w0^T + b0) @ w2^T`` (T, H) in float32, computed
+    from upcast weights (also for a .half() model, and with autocast off) in one kernel launch: the three
+    launches of the MLP in PyTorch were ~120 of a SwinV2-B forward's ~600 kernels.
+
+    Args:
+        coords: (T, 2), the flattened ``relative_coords_table``; w0: (hidden, 2), b0: (hidden,) or None,
+            w2: (H, hidden): ``cpb_mlp[0].weight``, ``cpb_mlp[0].bias``, ``cpb_mlp[2].weight``.
+        backend: as in :func:`flash_bias_attention` ("auto": the kernel on CUDA without gradients).
+    Returns:
+        (T, H) float32 (float64 for float64 inputs, PyTorch path); feed it to :func:`bias_from_table`.
+    """
+    if coords.dim() != 2 or coords.shape[1] != 2 or w0.dim() != 2 or w0.shape[1] != 2 or w2.dim() != 2 \
+            or w2.shape[1] != w0.shape[0] or (b0 is not None and tuple(b0.shape) != (w0.shape[0],)):
+        raise ValueError(f"cpb_table: expected coords (T, 2), w0 (hidden, 2), b0 (hidden,), w2 (H, hidden); got "
+                         f"{tuple(coords.shape)}, {tuple(w0.shape)}, {None if b0 is None else tuple(b0.shape)}, "
+                         f"{tuple(w2.shape)}")
+    unsupported = None
+    if torch.float64 in (coords.dtype, w0.dtype, w2.dtype) or w0.shape[0] % CPB_BLOCK_K:
+        unsupported = ValueError(f"cpb_table: the kernel takes float16/bfloat16/float32 weights with a hidden "
+                                 f"width that is a multiple of {CPB_BLOCK_K}; got {w0.dtype}, {w0.shape[0]}")
+    tensors = (coords, w0, b0, w2)
+    if _pick_backend(backend, coords.device, tensors, unsupported, "cpb_table") == "torch":
+        return _cpb_table_torch(coords, w0, b0, w2)
+    return _through_op(_cpb_table_op, _cpb_table_launch)(coords, w0, b0, w2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
 import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as top-level modules
-    from .flash_bias_triton import bias_from_table, flash_bias_attention, residual_layer_norm
+    from .flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, residual_layer_norm,
+                                    tracing_or_exporting)
     from . import flash_bias_factors as factor_files
 except ImportError:
-    from flash_bias_triton import bias_from_table, flash_bias_attention, residual_layer_norm
+    from flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, residual_layer_norm,
+                                   tracing_or_exporting)
     import flash_bias_factors as factor_files
 
 
@@ -232,21 +234,18 @@ class WindowAttention(nn.Module):
     def use_fused_attn(self, x):
         """FlashBias: whether this attention runs fused for input x (see the class docstring). Tracing, scripting and
         exporting (torch.jit, torch.export, torch.onnx) take the official math, which every exporter understands."""
-        if not self.fused_attn or self.training or _exporting():
+        if not self.fused_attn or self.training or tracing_or_exporting():
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     @torch.no_grad()
     def derive_bias(self, center_rows=False, dtype=torch.float32):
         """FlashBias: the relative position bias 16 * sigmoid(cpb_mlp(relative_coords_table))[relative_position_index]
-        of the current weights, (num_heads, Wh*Ww, Wh*Ww) in dtype, no grad. The MLP runs in float32 from upcast
-        weights (also under .half() or autocast). center_rows: each row minus its midpoint (softmax ignores a row's
+        of the current weights, (num_heads, Wh*Ww, Wh*Ww) in dtype, no grad, in two launches. The MLP runs in float32
+        from upcast weights (also under .half() or autocast). center_rows: each row minus its midpoint (softmax ignores a row's
         constant; it halves float16 rounding)."""
-        w0, b0, w2 = self.cpb_mlp[0].weight, self.cpb_mlp[0].bias, self.cpb_mlp[2].weight
-        coords = self.relative_coords_table
-        with torch.autocast(device_type=coords.device.type, enabled=False):
-            hidden = F.relu(F.linear(coords.reshape(-1, 2).float(), w0.float(), None if b0 is None else b0.float()))
-            table = F.linear(hidden, w2.float())  # (2*Wh-1)*(2*Ww-1), nH
+        table = cpb_table(self.relative_coords_table.reshape(-1, 2), self.cpb_mlp[0].weight, self.cpb_mlp[0].bias,
+                          self.cpb_mlp[2].weight)  # (2*Wh-1)*(2*Ww-1), nH
         return bias_from_table(table, self.relative_position_index, center_rows=center_rows, out_dtype=dtype)
 
     def extra_repr(self) -> str:
@@ -772,11 +771,6 @@ def _log(message, level=logging.INFO):
     _logger.log(level, message)
 
 
-def _exporting():
-    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting()
-            or torch.onnx.is_in_onnx_export())
-
-
 def _cpb_weights(attn):
     """What a layer's bias is derived from."""
     return (attn.cpb_mlp[0].weight, attn.cpb_mlp[0].bias, attn.cpb_mlp[2].weight, attn.relative_coords_table,
@@ -918,7 +912,7 @@ class FlashBiasSettings:
         low-rank layer's weight check needs the host), and nothing trains, needs a gradient, traces or compiles."""
         if not (self.cuda_graphs and x.is_cuda and self.resolved) or self.graphs.capturing:
             return None
-        if not self.layers[0].use_fused_attn(x) or torch.jit.is_tracing() or torch.jit.is_scripting():
+        if not self.layers[0].use_fused_attn(x) or tracing_or_exporting():
             return None
         if torch.compiler.is_compiling() or any(attn.flash_bias.low_rank or not attn.fused_attn for attn in self.layers):
             return None

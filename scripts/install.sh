@@ -4,18 +4,20 @@
 set -euo pipefail
 
 # the drop-in: these files of this repository's root go into the checkout's models/
-DROPIN_FILES=(swin_transformer_v2.py flash_bias_triton.py flash_bias_factors.py)
+DROPIN_FILES=(swin_transformer_v2.py swin_transformer.py flash_bias_triton.py flash_bias_factors.py)
+# the drop-ins that replace an official model file (kept once as NAME.orig)
+OFFICIAL_FILES=" swin_transformer_v2.py swin_transformer.py "
 
 usage() {
     cat <<'EOF'
 usage: scripts/install.sh [--fix-official [--undo]] PATH_TO_SWIN_TRANSFORMER_CHECKOUT
 
 Default mode: install the FlashBias drop-in.
-  Copies swin_transformer_v2.py, flash_bias_triton.py and flash_bias_factors.py into the checkout's
-  models/, after checking that PATH is a checkout (models/swin_transformer_v2.py, main.py, config.py).
-  Never loses a file:
-  - the official models/swin_transformer_v2.py is kept once as models/swin_transformer_v2.py.orig
-    (a later install never overwrites that backup);
+  Copies swin_transformer_v2.py (SwinV2), swin_transformer.py (Swin V1), flash_bias_triton.py and
+  flash_bias_factors.py into the checkout's models/, after checking that PATH is a checkout
+  (models/swin_transformer_v2.py, main.py, config.py). Never loses a file:
+  - the official models/swin_transformer_v2.py and models/swin_transformer.py are kept once as
+    NAME.orig (a later install never overwrites that backup);
   - a file already identical to ours is left alone;
   - any other file in the way (an edited copy, an older FlashBias version) is first renamed to
     NAME.bak-YYYYmmdd-HHMMSS (never over an existing backup).
@@ -117,10 +119,12 @@ for f in "${DROPIN_FILES[@]}"; do
     # kept as the link instead of being written through.
     # The official file never mentions FlashBias: one that does is an older or edited copy of ours
     # (copied by hand), not the official file to keep as .orig.
-    if [ "$f" = swin_transformer_v2.py ] && [ ! -e "$orig" ] && [ ! -L "$orig" ] && ! grep -q FlashBias "$dst"; then
+    official=0
+    [[ "$OFFICIAL_FILES" == *" $f "* ]] && official=1
+    if [ "$official" = 1 ] && [ -f "$dst" ] && [ ! -e "$orig" ] && [ ! -L "$orig" ] && ! grep -q FlashBias "$dst"; then
         mv "$dst" "$orig"
         echo "backed up the official models/$f -> models/$f.orig"
-    elif [ "$f" = swin_transformer_v2.py ] && cmp -s "$dst" "$orig"; then
+    elif [ "$official" = 1 ] && [ -f "$dst" ] && cmp -s "$dst" "$orig"; then
         echo "models/$f is the official file, already backed up as models/$f.orig"
     elif [ -e "$dst" ] || [ -L "$dst" ]; then
         backup="$(free_backup_name "$dst")"

@@ -140,6 +140,19 @@ MODEL_CONFIGS: Dict[str, RegisteredConfig] = {
 CONFIG_ALIASES = {"b384": "swinv2_b_384"}
 IMAGENET22K_CLASSES = 21841
 
+# Swin V1 (MODEL.TYPE: swin): constructor kwargs of swin_transformer.SwinTransformer (the V1 drop-in). Not in
+# MODEL_CONFIGS: load_config, model_kwargs and build_model read MODEL.SWINV2 and build a SwinV2.
+SWIN_V1_CONFIGS: Dict[str, dict] = {
+    # configs/swin/swin_tiny_patch4_window7_224.yaml and swin_base_patch4_window12_384_finetune.yaml
+    "swin_t_224": dict(img_size=224, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
+    "swin_b_384": dict(img_size=384, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12),
+    # tests: maps 28, 14, 7, so shifted 7x7 windows in stages 0-1 and one unshifted window in stage 2; head dim 32
+    "test_v1_tiny": dict(img_size=112, embed_dim=32, depths=[2, 2, 2], num_heads=[1, 2, 4], window_size=7,
+                         num_classes=10),
+    # slow paths (the Triton interpreter): maps 8, 4: a shifted 4x4 window, then one window clipped to the map
+    "test_v1_mini": dict(img_size=32, embed_dim=32, depths=[2, 2], num_heads=[1, 2], window_size=4, num_classes=5),
+}
+
 
 def config_names() -> List[str]:
     """Every name :func:`load_config` accepts as ``embedded``: registered configs, then aliases."""
@@ -448,6 +461,19 @@ def build_from_args(cfg_path: Optional[str], resume: Optional[str], embedded: Op
 # ----------------------------------------------------------------------------------------------
 # Trained-like random weights
 # ----------------------------------------------------------------------------------------------
+# SwinV2's names in the official code and timm, then in transformers
+_CPB_MLP_NAMES = ("cpb_mlp", "continuous_position_bias_mlp")
+_POST_NORMS = (("attn", ("norm1", "norm2")), ("attention", ("layernorm_before", "layernorm_after")))
+
+
+def _cpb_mlp(module: torch.nn.Module) -> Optional[torch.nn.Sequential]:
+    for name in _CPB_MLP_NAMES:
+        mlp = getattr(module, name, None)
+        if isinstance(mlp, torch.nn.Sequential):
+            return mlp
+    return None
+
+
 @torch.no_grad()
 def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give ``model`` (in place; a SwinV2 or any part of one) weight statistics like a trained SwinV2:
@@ -458,17 +484,22 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
       cpb_mlp[0].bias ~ 0.5 N(0, 1), cpb_mlp[2].weight ~ 0.05 N(0, 1) (a bias of several logits,
       smooth over relative positions, of some but not full rank), and logit_scale ~ U(ln 5, ln 40);
     * res-post-norm norm1/norm2 of every block: weight ~ 0.5 + 0.1 N(0, 1), bias ~ 0.02 N(0, 1)
-      (SwinV2 zero-initialises them, which hides attention from the output).
+      (SwinV2 zero-initialises them, which hides attention from the output);
+    * Swin V1 attentions (a ``relative_position_bias_table``, no cpb_mlp): the table ~ 2 N(0, 1) (its
+      0.02 trunc-normal init hides the bias), qkv.weight ~ 2 N(0, 1) / sqrt(C) (q.k * head_dim ** -0.5
+      then has logits of order 1; 0.02 N(0, 1) gives ~0.01, which no test could see) and qkv.bias
+      ~ 0.02 N(0, 1), as SwinV2's q_bias / v_bias. V1 blocks' norm1/norm2 are drawn as above.
 
-    Drawn in that order from one generator seeded with ``seed``; other parameters keep their
-    initialisation."""
+    transformers' Swinv2 gets the same under its names (continuous_position_bias_mlp, query/value biases,
+    layernorm_before/layernorm_after as the post-norms). Drawn in that order from one generator seeded with
+    ``seed``; other parameters keep their initialisation."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(t: torch.Tensor, std: float = 1.0, mean: float = 0.0) -> None:
         t.copy_((torch.randn(t.shape, generator=gen) * std + mean).to(t))
 
-    attentions = [m for m in model.modules() if isinstance(getattr(m, "cpb_mlp", None), torch.nn.Sequential)]
-    cpb_layers = {id(layer) for attn in attentions for layer in attn.cpb_mlp}
+    attentions = [m for m in model.modules() if _cpb_mlp(m) is not None]
+    cpb_layers = {id(layer) for attn in attentions for layer in _cpb_mlp(attn)}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module) not in cpb_layers:
             draw(module.weight, 0.02)
@@ -478,7 +509,10 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if isinstance(getattr(module, name, None), torch.Tensor):
                 draw(getattr(module, name), 0.02)
     for attn in attentions:
-        cpb = attn.cpb_mlp
+        for projection in (getattr(attn, "query", None), getattr(attn, "value", None)):  # transformers' q/v biases
+            if isinstance(projection, torch.nn.Linear) and projection.bias is not None:
+                draw(projection.bias, 0.02)
+        cpb = _cpb_mlp(attn)
         draw(cpb[0].weight)
         if cpb[0].bias is not None:
             draw(cpb[0].bias, 0.5)
@@ -486,11 +520,21 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         u = torch.rand(attn.logit_scale.shape, generator=gen)
         attn.logit_scale.copy_((u * (math.log(40) - math.log(5)) + math.log(5)).to(attn.logit_scale))
     for module in model.modules():
-        if hasattr(module, "attn"):
-            for norm in (getattr(module, "norm1", None), getattr(module, "norm2", None)):
-                if isinstance(norm, torch.nn.LayerNorm):
-                    draw(norm.weight, 0.1, 0.5)
-                    draw(norm.bias, 0.02)
+        for attention, norms in _POST_NORMS:
+            if hasattr(module, attention):
+                for norm in (getattr(module, name, None) for name in norms):
+                    if isinstance(norm, torch.nn.LayerNorm):
+                        draw(norm.weight, 0.1, 0.5)
+                        draw(norm.bias, 0.02)
+    for module in model.modules():  # Swin V1, after every SwinV2 draw: SwinV2 models draw what they drew before
+        table = getattr(module, "relative_position_bias_table", None)
+        if isinstance(table, torch.Tensor) and not hasattr(module, "cpb_mlp"):
+            draw(table, 2.0)
+            qkv = getattr(module, "qkv", None)
+            if isinstance(qkv, torch.nn.Linear):
+                draw(qkv.weight, 2.0 / math.sqrt(qkv.in_features))
+                if qkv.bias is not None:
+                    draw(qkv.bias, 0.02)
     return model
 
 

@@ -5,6 +5,7 @@ Tests that patch the real official code need a copy of microsoft/Swin-Transforme
 third_party/Swin-Transformer (git-ignored) and skip without it; the rest run anywhere.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,10 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 INSTALL = os.path.join(SCRIPTS, "install.sh")
 OFFICIAL = os.path.join(ROOT, "third_party", "Swin-Transformer")
 TIMM_0412 = os.path.join(ROOT, "third_party", "timm-0.4.12")
-DROPIN = ("swin_transformer_v2.py", "flash_bias_triton.py", "flash_bias_factors.py")
+# the one list of drop-in files is install.sh's
+DROPIN = tuple(re.search(r"^DROPIN_FILES=\((.*)\)$", open(os.path.join(ROOT, "scripts", "install.sh")).read(),
+                         re.M).group(1).split())
+assert DROPIN[0] == "swin_transformer_v2.py" and "flash_bias_factors.py" in DROPIN
 PATCHED = ("lr_scheduler.py", "utils.py", "utils_simmim.py", "utils_moe.py")
 HELPERS = {"safe_checkpoint.py": os.path.join(SCRIPTS, "safe_checkpoint.py"),
            "flashbias_timm_compat.py": os.path.join(SCRIPTS, "official_fix", "flashbias_timm_compat.py")}
@@ -423,8 +427,8 @@ def test_fix_official_and_dropin_together(official):
     now = snapshot(official)
     for name in DROPIN:
         assert now.pop(f"models/{name}") == ours(name)
-    assert now.pop("models/swin_transformer_v2.py.orig") == original["models/swin_transformer_v2.py"]
-    original.pop("models/swin_transformer_v2.py")
+    for name in ("swin_transformer_v2.py", "swin_transformer.py"):  # the official model files, kept as .orig
+        assert now.pop(f"models/{name}.orig") == original.pop(f"models/{name}")
     assert now == original
 
 

@@ -4,6 +4,7 @@ On a CUDA machine the compiled kernel runs; on a CPU-only machine the same kerne
 Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on smaller shapes. Every check
 draws fresh random inputs and poisons the output with NaN first, so an unwritten element fails.
 """
+import copy
 import math
 
 import pytest
@@ -758,3 +759,50 @@ def test_add_layer_norm_traces_in_torch_compile():
     exact = torch.nn.functional.layer_norm(residual.double() + x.double(), (200,), norm.weight.double(),
                                            norm.bias.double(), norm.eps)
     assert rel_err(total, residual.double() + x.double()) < 1e-7 and rel_err(normed, exact) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# cpb_table: SwinV2's continuous-position-bias MLP in one launch
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("window,heads", [(7, 3), (12, 16), (3, 32)])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_b0", [True, False])
+def test_cpb_table(window, heads, weight_dtype, with_b0):
+    g = fresh_generator()
+    rows = (2 * window - 1) ** 2
+    coords = (torch.rand(rows, 2, generator=g) * 2 - 1).to(DEVICE)
+    w0 = torch.randn(512, 2, generator=g).to(DEVICE, weight_dtype)
+    b0 = (0.5 * torch.randn(512, generator=g)).to(DEVICE, weight_dtype) if with_b0 else None
+    w2 = (0.05 * torch.randn(heads, 512, generator=g)).to(DEVICE, weight_dtype)
+    out = fb.cpb_table(coords, w0, b0, w2, backend="triton")
+    hidden = torch.relu(coords.double() @ w0.double().T + (b0.double() if with_b0 else 0))
+    ref = hidden @ w2.double().T
+    assert out.shape == (rows, heads) and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-6
+    assert torch.allclose(fb.cpb_table(coords, w0, b0, w2, backend="torch").double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpb_table_bad_shapes_and_fallback():
+    coords, w0, w2 = (torch.zeros(shape, device=DEVICE) for shape in ((9, 2), (512, 2), (4, 512)))
+    with pytest.raises(ValueError, match=r"cpb_table: expected coords \(T, 2\).*\(512, 3\)"):
+        fb.cpb_table(coords, torch.zeros(512, 3, device=DEVICE), None, w2)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fb.cpb_table(coords, torch.zeros(100, 2, device=DEVICE), None, torch.zeros(4, 100, device=DEVICE),
+                     backend="triton")
+    table = fb.cpb_table(coords.double(), w0.double(), None, w2.double())  # "auto": float64 on PyTorch
+    assert table.dtype == torch.float64
+
+
+def test_model_bias_through_cpb_table_and_bias_from_table_kernels():
+    """The drop-in's derive_bias on the kernel path equals the official expression in float64."""
+    import model_utils as mu
+    attn = mu.make_model(mu.TINY).layers[0].blocks[1].attn.to(DEVICE)
+    with torch.no_grad():
+        mlp64 = copy.deepcopy(attn.cpb_mlp).double()
+        table = mlp64(attn.relative_coords_table.double()).view(-1, attn.num_heads)
+        N = attn.window_size[0] * attn.window_size[1]
+        official = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
+        got = fb.bias_from_table(fb.cpb_table(attn.relative_coords_table.reshape(-1, 2), attn.cpb_mlp[0].weight,
+                                              attn.cpb_mlp[0].bias, attn.cpb_mlp[2].weight, backend="triton"),
+                                 attn.relative_position_index, backend="triton")
+    assert rel_err(got, official) < 1e-6

@@ -721,3 +721,14 @@ def test_log_shown_by_default_on_stdout():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "flash_bias] INFO FlashBias: exact bias in all 4 attention layers" in proc.stdout
+
+
+def test_torch_compile_has_no_graph_breaks():
+    """One graph for the whole fused forward: a break would split it and cost host time per call."""
+    model = make_model(MINI)
+    model.requires_grad_(False)
+    x = images(2, 32)
+    with torch.no_grad():
+        model(x)  # settings resolved, as after main.py's first batch
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
