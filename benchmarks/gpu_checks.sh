@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of a change, in one command on a CUDA machine (what CI, CPU-only, cannot run):
-#   bash benchmarks/gpu_checks.sh tests|speed|compile|official [OUT_DIR]
+#   bash benchmarks/gpu_checks.sh tests|speed|compile|official|official_v1 [OUT_DIR]
 #   tests:    the kernel and model tests with the compiled kernels (TRITON_INTERPRET unset)
 #   speed:    batch sweep (small batches), Swin V1, timm/transformers adapters
 #   compile:  torch.compile of the drop-in (default and reduce-overhead) against eager and CUDA graphs
 #   official: the official main.py --eval / --throughput / training / --resume, official file vs drop-in,
 #             on timm 1.x through scripts/install.sh --fix-official (needs third_party/Swin-Transformer and
 #             the shared tool official_main_eval.py next to this repository, or at $OFFICIAL_MAIN_EVAL)
+#   official_v1: the same --eval comparison on the Swin V1-B/384 config
 # Python packages missing on the machine (yacs, termcolor) may be given as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +61,15 @@ official)
         --data-path /tmp/w-train/data-0 --resume "$ckpt" --batch-size 16 --output /tmp/w-train/resume-train \
         --opts TRAIN.EPOCHS 2 TRAIN.WARMUP_EPOCHS 0 TRAIN.AUTO_RESUME False PRINT_FREQ 1 2>&1 \
         | grep -E "loaded successfully|Train: \[1/2\]|Max accuracy|Error" | tail -4 ;;
+official_v1)
+    tool="${OFFICIAL_MAIN_EVAL:-../shared/tools/official_main_eval.py}"
+    fixed=/tmp/swin-fixed; ours=/tmp/swin-ours
+    rm -rf $fixed $ours && cp -a third_party/Swin-Transformer $fixed && cp -a $fixed $ours
+    PYTHON=python3 scripts/install.sh --fix-official $fixed > /dev/null
+    PYTHON=python3 scripts/install.sh --fix-official $ours > /dev/null && scripts/install.sh $ours > /dev/null
+    for checkout in $fixed $ours; do
+        echo "== Swin V1-B/384 eval $(basename $checkout)"
+        timeout 200 python3 "$tool" --swin $checkout --keep /tmp/w-v1 --mode eval \
+            --cfg configs/swin/swin_base_patch4_window12_384_finetune.yaml 2>&1 | tail -1
+    done ;;
 esac
