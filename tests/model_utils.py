@@ -50,3 +50,16 @@ rel_l2 = swin_config.rel_l2
 
 def images(n: int = 4, size: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class FakeCapture:
+    """Stands for swin_transformer_v2._capture_cuda_graph on the CPU: counts captures; a replay runs the captured
+    function again into the same output tensor, as a graph replay writes its static output."""
+
+    def __init__(self):
+        self.captures = 0
+
+    def __call__(self, fn, pool):
+        self.captures += 1
+        output = fn()
+        return (lambda: output.copy_(fn())), output, pool

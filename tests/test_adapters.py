@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 timm = pytest.importorskip("timm")
 
 import bench_adapters as ba  # noqa: E402
-import flash_bias_adapters as fa  # noqa: E402
+import flash_bias_adapters as fa
+from model_utils import FakeCapture  # noqa: E402
 import flash_bias_triton as fbt  # noqa: E402
 from swin_config import rel_l2  # noqa: E402  (bench_adapters put scripts/ on sys.path)
 
@@ -435,16 +436,6 @@ def test_project_qkv_copies_no_weight(device):
 # ------------------------------------------------------------------------------------------------
 # CUDA graphs, with a fake capture on the CPU (the real ones: test_cuda_graphs_on_cuda)
 # ------------------------------------------------------------------------------------------------
-class FakeCapture:
-    def __init__(self):
-        self.captures = 0
-
-    def __call__(self, fn, pool):
-        self.captures += 1
-        output = fn()
-        return (lambda: output.copy_(fn())), output, pool
-
-
 @pytest.fixture
 def fake_graphs(monkeypatch):
     import swin_transformer_v2 as swin

@@ -5,17 +5,7 @@ graphs run in tests/test_model_gpu.py."""
 import pytest
 import torch
 
-from model_utils import MINI, images, make_model, swin
-
-
-class FakeCapture:
-    def __init__(self):
-        self.captures = 0
-
-    def __call__(self, fn, pool):
-        self.captures += 1
-        output = fn()
-        return (lambda: output.copy_(fn())), output, pool
+from model_utils import MINI, FakeCapture, images, make_model, swin
 
 
 def make(seed=0):
