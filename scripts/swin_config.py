@@ -546,11 +546,16 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
 def trained_like_bias(num_heads: int, window_size: Union[int, Sequence[int]],
                       pretrained_window_size: Union[int, Sequence[int]] = 0, seed: int = 0) -> torch.Tensor:
     """(H, N, N) float32: the relative-position bias of the drop-in's WindowAttention with
-    :func:`trained_like_` weights (``derive_bias``), N = window height * width."""
+    :func:`trained_like_` weights, N = window height * width, written out as the official forward computes it (no
+    kernel, so FLASHBIAS_BACKEND does not matter and the kernels' tests have an independent input)."""
     attn = import_dropin().WindowAttention(dim=num_heads, window_size=_pair(window_size), num_heads=num_heads,
                                            pretrained_window_size=_pair(pretrained_window_size))
     trained_like_(attn, seed)
-    return attn.derive_bias().detach().float()
+    with torch.no_grad():
+        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, num_heads)
+        tokens = attn.relative_position_index.shape[0]
+        bias = table[attn.relative_position_index.view(-1)].view(tokens, tokens, num_heads).permute(2, 0, 1)
+        return (16 * torch.sigmoid(bias)).contiguous().float()
 
 
 @contextlib.contextmanager

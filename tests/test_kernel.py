@@ -12,6 +12,8 @@ import torch
 
 import flash_bias_factors as fbf
 import flash_bias_triton as fb
+import model_utils  # noqa: F401  (puts scripts/ on sys.path)
+import swin_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -29,19 +31,13 @@ def fresh_generator():
     return torch.Generator().manual_seed(1000 + SEED[0])
 
 
-def trained_like_bias(H, N, g):
-    """16*sigmoid(.) of a smooth random field plus a sharp diagonal peak: values in (0, 16) shaped like
-    a trained SwinV2 relative-position bias (its diagonal peak is what low-rank factors miss)."""
-    side = int(math.isqrt(N))
-    if side * side == N:
-        pos = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(N, 2)
-        dist = (pos[:, None, :] - pos[None, :, :]).float().norm(dim=-1)
-    else:
-        idx = torch.arange(N)
-        dist = (idx[:, None] - idx[None, :]).abs().float()
-    amp = torch.randn(H, 1, 1, generator=g)
-    logits = amp * torch.exp(-dist / 2) + 0.3 * torch.randn(H, N, N, generator=g) - 1.0
-    return 16 * torch.sigmoid(logits)
+def trained_like_bias(H, N, window=None):
+    """A trained-like SwinV2 bias (H, N, N) from the one definition (scripts/swin_config.trained_like_bias), for a
+    window of N tokens: ``window`` (wh, ww), else a square one."""
+    side = math.isqrt(N)
+    assert window is not None or side * side == N, f"give the window of {N} tokens"
+    SEED[0] += 1
+    return swin_config.trained_like_bias(H, window or side, seed=1000 + SEED[0])
 
 
 def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=None, shift=0, nW=4, cosine=True):
@@ -58,7 +54,8 @@ def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=Non
     logit_scale = torch.empty(H, 1, 1).uniform_(math.log(5), math.log(120), generator=g).to(DEVICE)
     args = dict(qkv=qkv, num_heads=H, logit_scale=logit_scale) if cosine else dict(qkv=qkv, num_heads=H)
     if bias_mode == "dense":
-        args["bias"] = (trained_like_bias(H, N, g) if cosine else 2 * torch.randn(H, N, N, generator=g)).to(DEVICE)
+        bias = trained_like_bias(H, N, window) if cosine else 2 * torch.randn(H, N, N, generator=g)
+        args["bias"] = bias.to(DEVICE)
     elif bias_mode == "lowrank":
         args["bias_factors"] = tuple(torch.randn(H, N, rank, generator=g).to(DEVICE) / math.sqrt(rank)
                                      for _ in range(2))
@@ -225,8 +222,7 @@ def test_bad_dtypes():
 
 
 def test_low_rank_rules():
-    g = fresh_generator()
-    bias = trained_like_bias(3, 64, g).double()
+    bias = trained_like_bias(3, 64).double()
     q, k, info = fbf.low_rank_bias_factors(bias, rank=8)
     assert q.shape == (3, 64, 8) and info["rank"] == 8
     assert abs(fbf.logit_error(bias, q.double() @ k.double().transpose(1, 2))[0] - info["max_logit_error"]) < 1e-4
