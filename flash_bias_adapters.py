@@ -39,8 +39,8 @@ Where the libraries differ:
   a masked weight is below exp(-100) of the row's largest either way.
 
 ``cuda_graphs=True`` replays the model's fused forward (timm: the model's ``forward``; transformers: the encoder's,
-so every model class shares it) from CUDA graphs through the drop-in's ``swin_transformer_v2.ForwardGraphs`` (which
-imports timm): one launch instead of hundreds, for small batches whose host time bounds them.
+so every model class shares it) from CUDA graphs through the drop-ins' ``flash_bias_runtime.ForwardGraphs``: one
+launch instead of hundreds, for small batches whose host time bounds them.
 """
 import collections
 import warnings
@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flash_bias_runtime import ForwardGraphs
 from flash_bias_triton import (BACKENDS, bias_from_table, flash_bias_attention, region_mask, residual_layer_norm,
                                shifted_window_region_ids, tracing_or_exporting)
 
@@ -361,11 +362,6 @@ class _TransformersLayerForward(_BlockForward):
 # CUDA graphs: the drop-in's ForwardGraphs around a model's (or an encoder's) fused forward
 # ----------------------------------------------------------------------------------------------
 def _forward_graphs():
-    try:
-        from swin_transformer_v2 import ForwardGraphs
-    except ImportError as e:
-        raise ImportError(f"FlashBias: cuda_graphs=True reuses swin_transformer_v2.ForwardGraphs, which needs timm "
-                          f"installed (pip install timm): {e}") from e
     return ForwardGraphs()
 
 
@@ -483,7 +479,7 @@ def patch_timm(model: nn.Module, *, cuda_graphs: bool = False, backend: Optional
     Args:
         model: a timm SwinTransformerV2, or any module containing its blocks.
         cuda_graphs: replay each SwinTransformerV2's forward from CUDA graphs when it runs fused on CUDA (the
-            first call of an input shape runs eagerly, the second captures; see swin_transformer_v2.ForwardGraphs).
+            first call of an input shape runs eagerly, the second captures; see flash_bias_runtime.ForwardGraphs).
         backend: the kernel-or-PyTorch choice of flash_bias_triton ("auto", "triton", "torch"); None reads
             FLASHBIAS_BACKEND, default "auto": the kernel on CUDA.
 

@@ -1,8 +1,8 @@
 """FlashBias bias factors: rank rules, the SVD, and the factor-file format. Model-free.
 
-A SwinV2 layer's relative-position bias B (H, N, N) can be given to the kernel as low-rank factors
-``q_bias @ k_bias^T ~ B``, each (H, N, R), the decomposition of the FlashBias paper. This module is
-the one home of that idea:
+A Swin layer's relative-position bias B (H, N, N) (SwinV2's or Swin V1's) can be given to the kernel as
+low-rank factors ``q_bias @ k_bias^T ~ B``, each (H, N, R), the decomposition of the FlashBias paper. This
+module is the one home of that idea:
 
 * rank rules (:func:`parse_rank_rule`): ``exact`` | ``rank:R`` | ``energy:E`` | ``logit:L``;
 * the SVD (:func:`low_rank_bias_factors`) and the error that matters, in logits (:func:`logit_error`);
@@ -17,11 +17,14 @@ Factor file format ``flashbias-swinv2-factors-v1`` (numpy .npz, no pickles):
     meta          str   JSON: how the factors were made
     layer{i}_name       str   the layer's qualified name, e.g. "layers.2.blocks.3.attn"
     layer{i}_checksum   str   sha256 of the weights the bias is derived from (:func:`weights_checksum`)
+    layer{i}_bias_weights str  their names, comma-separated (the layer's ``bias_weights()``): which model
+                              family the bias is of (:data:`BIAS_WEIGHTS`). Absent in files written before it
+                              was recorded, which came from SwinV2 models only: read as SwinV2's
     layer{i}_q_bias     float32 (H, N, R)   absent together with k_bias: that layer stays exact
     layer{i}_k_bias     float32 (H, N, R)
 
-Which model layer a record belongs to, and whether its checksum matches that layer's weights, is
-the model's business (``swin_transformer_v2.load_bias_factors``); this module checks the file itself:
+Which model layer a record belongs to, and whether its checksum and weight names match that layer's, is
+the model's business (``flash_bias_runtime.load_bias_factors``); this module checks the file itself:
 format, names, shapes, ranks, finite values, and readable bytes. Every problem raises
 :class:`FactorFileError` (a ValueError) naming the file and the layer.
 """
@@ -43,6 +46,7 @@ except ImportError:
     from flash_bias_triton import MAX_RANK
 
 __all__ = ["FACTORS_FORMAT", "FACTORS_FILE", "MAX_RANK", "PUBLISHED_MAX_LOGIT_ERROR", "LARGE_LOGIT_ERROR",
+           "BIAS_WEIGHTS", "describe_bias_weights",
            "FactorFileError", "LayerFactors", "FactorFile", "parse_rank_rule", "logit_error",
            "low_rank_bias_factors", "weights_checksum", "find_factor_files", "read_factor_file",
            "write_factor_file", "write_published_factors", "published_file_name"]
@@ -56,6 +60,15 @@ PUBLISHED_MAX_LOGIT_ERROR = 2.0
 # A worst logit error above this moves a softmax weight by more than ~20% (e^0.2 - 1): worth a warning.
 LARGE_LOGIT_ERROR = 0.1
 _PUBLISHED_NAME = re.compile(r"^swin_v2_(\w+?)_q_bias_(\d+)\.npy$")
+# What each model family's bias is derived from: the names of a drop-in WindowAttention's bias_weights(), in the
+# order the checksum covers them. Factor files record them, so one family's factors never load into the other's
+# layers (their checksums differ too, but half-precision weights and the published naming are judged by the
+# logit error, which a bias of similar range can pass).
+BIAS_WEIGHTS = {
+    "SwinV2": ("cpb_mlp.0.weight", "cpb_mlp.0.bias", "cpb_mlp.2.weight", "relative_coords_table",
+               "relative_position_index"),
+    "Swin V1": ("relative_position_bias_table", "relative_position_index"),
+}
 
 
 class FactorFileError(ValueError):
@@ -67,12 +80,14 @@ class LayerFactors:
     """One attention layer's record in a factor file.
 
     q_bias, k_bias: (H, N, R) float32 tensors, or both None (the layer stays exact).
-    checksum: sha256 of the weights they were computed from; None in the published naming."""
+    checksum: sha256 of the weights they were computed from; None in the published naming.
+    bias_weights: the names of those weights, in checksum order (:data:`BIAS_WEIGHTS`)."""
     index: int
     name: Optional[str]
     checksum: Optional[str]
     q_bias: Optional[torch.Tensor] = None
     k_bias: Optional[torch.Tensor] = None
+    bias_weights: Optional[Tuple[str, ...]] = None
 
     @property
     def rank(self) -> Optional[int]:
@@ -213,8 +228,14 @@ def low_rank_bias_factors(bias: torch.Tensor, rank: Optional[int] = None, energy
 
 
 # ----------------------------------------------------------------------------------------------
-# The checksum of the weights a bias comes from
+# The weights a bias comes from: their names and checksum
 # ----------------------------------------------------------------------------------------------
+def describe_bias_weights(names: Sequence[str]) -> str:
+    """``"Swin V1 bias (from relative_position_bias_table, relative_position_index)"``, for messages."""
+    family = next((f for f, known in BIAS_WEIGHTS.items() if tuple(names) == known), "bias of an unknown model")
+    return f"{family}{' bias' if family in BIAS_WEIGHTS else ''} (from {', '.join(names)})"
+
+
 def weights_checksum(tensors: Iterable[torch.Tensor]) -> str:
     """sha256 hex of the tensors' values as float32 bytes, in order (dtype and device do not matter,
     so a .half() copy differs only by its rounding)."""
@@ -270,7 +291,9 @@ def _read_npz_layer(z, keys, path: str, i: int) -> LayerFactors:
         raise FactorFileError(f"FlashBias: {path}: layer {i} has no name")
     if f"layer{i}_checksum" not in keys:
         raise FactorFileError(f"FlashBias: {where} has no checksum")
-    record = LayerFactors(i, name, str(z[f"layer{i}_checksum"]))
+    weights = (tuple(str(z[f"layer{i}_bias_weights"]).split(",")) if f"layer{i}_bias_weights" in keys
+               else BIAS_WEIGHTS["SwinV2"])  # written before the names were recorded: by the SwinV2 drop-in
+    record = LayerFactors(i, name, str(z[f"layer{i}_checksum"]), bias_weights=weights)
     has_q, has_k = f"layer{i}_q_bias" in keys, f"layer{i}_k_bias" in keys
     if has_q != has_k:
         raise FactorFileError(f"FlashBias: {where} has only one of q_bias / k_bias")
@@ -316,7 +339,7 @@ def _read_published(folder: str) -> FactorFile:
             q_bias, k_bias = np.load(q_file, allow_pickle=False), np.load(k_file, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise FactorFileError(f"FlashBias: layer {i}: {q_file} or its k_bias file is corrupt ({e})") from None
-        record = LayerFactors(i, None, None)
+        record = LayerFactors(i, None, None, bias_weights=BIAS_WEIGHTS["SwinV2"])  # the naming is SwinV2's
         record.q_bias, record.k_bias = _checked_factors(f"{q_file} (layer {i})", q_bias, k_bias)
         found.layers[i] = record
     return found
@@ -365,8 +388,8 @@ def write_factor_file(path: str, layers: Sequence[LayerFactors], meta=None) -> s
     """Write ``bias_factors.npz`` (format above) atomically.
 
     path: a .npz file, or a folder (created) that gets bias_factors.npz. layers: one record per
-    attention layer of the model, indices 0..L-1 in order, each with its name and checksum; records
-    without factors stay exact. meta: a JSON-serialisable object or a string. Returns the file written."""
+    attention layer of the model, indices 0..L-1 in order, each with its name, checksum and bias_weights;
+    records without factors stay exact. meta: a JSON-serialisable object or a string. Returns the file written."""
     path = os.fspath(path)
     if not path.endswith(".npz"):
         os.makedirs(path, exist_ok=True)
@@ -377,10 +400,11 @@ def write_factor_file(path: str, layers: Sequence[LayerFactors], meta=None) -> s
     arrays = {"format": np.array(FACTORS_FORMAT), "num_layers": np.array(len(layers)),
               "meta": np.array(meta if isinstance(meta, str) else json.dumps(meta))}
     for r in layers:
-        if not r.name or not r.checksum:
-            raise ValueError(f"FlashBias: factor record {r.index} needs a name and a checksum")
+        if not r.name or not r.checksum or not r.bias_weights:
+            raise ValueError(f"FlashBias: factor record {r.index} needs a name, a checksum and bias_weights")
         arrays[f"layer{r.index}_name"] = np.array(r.name)
         arrays[f"layer{r.index}_checksum"] = np.array(r.checksum)
+        arrays[f"layer{r.index}_bias_weights"] = np.array(",".join(r.bias_weights))
         if r.q_bias is not None:
             q_bias, k_bias = (torch.as_tensor(f).detach().float().cpu().contiguous().numpy()
                               for f in (r.q_bias, r.k_bias))
@@ -397,7 +421,12 @@ def published_file_name(tag: str, which: str, index: int) -> str:
 
 def write_published_factors(folder: str, tag: str, layers: Sequence[LayerFactors]) -> List[str]:
     """The published code's naming, one q/k pair per layer with factors (that naming cannot say
-    "exact": layers without factors get no files). Returns the files written."""
+    "exact": layers without factors get no files), for SwinV2 factors only (ValueError otherwise: the
+    naming says swin_v2 and records no model family). Returns the files written."""
+    for r in layers:
+        if r.bias_weights is not None and tuple(r.bias_weights) != BIAS_WEIGHTS["SwinV2"]:
+            raise ValueError(f"FlashBias: the published FlashBias code's naming (swin_v2_*) holds SwinV2 factors; "
+                             f"layer {r.index} ({r.name}) is a {describe_bias_weights(r.bias_weights)}")
     os.makedirs(folder, exist_ok=True)
     written = []
     for r in layers:

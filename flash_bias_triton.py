@@ -47,6 +47,28 @@ Constants: ``MASK_VALUE`` (-100), ``MAX_LOGIT_SCALE`` (ln 100), ``NORM_EPS`` (F.
 the kernel's values too (it takes them as compile-time arguments); ``MAX_RANK`` (128) caps the factors'
 rank and ``MAX_HEAD_DIM`` (128) the head dim the kernel takes.
 
+The backward (exact bias or none; any mask, either layout, either score form). With P = softmax(S + B + M)
+of a window and head and dO the output's gradient, FlashAttention-2's recurrence recomputes P tile by tile
+from the per-row log-sum-exp that the forward stores (float32, (B, L, heads); never the N x N scores):
+
+    delta_i = rowsum(dO * O)_i,   dV = P^T dO,   dS = P * (dO V^T - delta),
+    cosine:  d q_hat = s_h dS k_hat,  d k_hat = s_h dS^T q_hat,  then through F.normalize (eps = NORM_EPS):
+             dq = (d q_hat - q_hat <q_hat, d q_hat>) / max(|q|, eps), the radial term only where |q| >= eps;
+             d logit_scale_h = s_h * d s_h = sum over windows and rows of rowsum(dS * S_h), zero where
+             logit_scale_h > MAX_LOGIT_SCALE (compared in float64: torch.clamp(max=ln 100)'s gradient);
+             each row's sum is taken as rowsum(dS * (S - rowsum(P S))), which is the same number but
+             cancels the delta's rounding (O is stored in qkv's dtype) instead of multiplying it by S;
+    dot:     dq = scale * dS k,  dk = dS^T (q * scale);
+    d bias_h = sum over every window (and image) of dS, in float32, returned in the bias's dtype.
+
+dqkv comes back in qkv's layout (the image layout's tokens where they came from). One kernel computes,
+per token block of a window and head, dk and dv over every query block and then dq over every key block,
+so no atomics touch dqkv. The sum over windows for d bias has two designs, env FLASHBIAS_BIAS_GRAD:
+"partial" (default), a second kernel where each program owns a (head, query block, key block) tile and a
+chunk of windows, recomputes P and dS for each window, and stores one float32 partial sum per chunk (then
+summed: deterministic); "atomic", a float32 atomic add of each dS tile from the main kernel (no second
+kernel; the order of the adds varies). The low-rank factors have no backward.
+
 Two small kernels fuse the residual adds around the attention with their LayerNorm:
 :func:`residual_layer_norm`, SwinV2's res-post-norm ``shortcut + LayerNorm(branch)``, and
 :func:`add_layer_norm`, Swin V1's pre-norm step ``s = x + branch`` with ``LayerNorm(s)`` for the next
@@ -54,13 +76,15 @@ sub-block (V1 blocks are ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``). Eac
 once and, under autocast, writes the normalised result in the autocast dtype (what the next matmul
 reads), saving the separate add, norm and cast passes of the PyTorch expression.
 
-Entry points: :func:`flash_bias_attention` (kernel on CUDA, PyTorch elsewhere or when gradients are
-needed), :func:`attention_reference` (the readable PyTorch definition), :func:`residual_layer_norm`,
-:func:`add_layer_norm`, :func:`bias_from_table`, :func:`shifted_window_region_ids`. Every entry point
+Entry points: :func:`flash_bias_attention` (kernel on CUDA, with its backward; PyTorch elsewhere or when
+a gradient is needed that the kernel cannot give), :func:`attention_reference` (the readable PyTorch
+definition), :func:`residual_layer_norm`, :func:`add_layer_norm`, :func:`bias_from_table`,
+:func:`shifted_window_region_ids`. Every entry point
 with a ``backend`` argument picks between kernel and PyTorch the same way: "auto" (default; env
-FLASHBIAS_BACKEND) runs the kernel on CUDA when no gradient is needed (backward or forward mode) and
-the inputs suit it, "triton" the kernel or an error, "torch" PyTorch. The low-rank factors themselves (rank rules, SVD,
-factor files) live in ``flash_bias_factors.py``.
+FLASHBIAS_BACKEND) runs the kernel on CUDA when the inputs suit it and no gradient is needed that the
+kernel cannot give (forward-mode AD never; a backward only flash_bias_attention's, not with low-rank
+factors nor under torch.compile), "triton" the kernel or an error, "torch" PyTorch. The low-rank factors
+themselves (rank rules, SVD, factor files) live in ``flash_bias_factors.py``.
 """
 import math
 import numbers
@@ -120,6 +144,35 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _window_origin(g, IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr):
+        """(image b, top-left row, top-left col) of window g of the batch (windows of an image row-major)."""
+        WINDOWS_W: tl.constexpr = IMG_W // WIN_W
+        WINDOWS: tl.constexpr = (IMG_H // WIN_H) * WINDOWS_W
+        w = g % WINDOWS
+        return g // WINDOWS, (w // WINDOWS_W) * WIN_H, (w % WINDOWS_W) * WIN_W
+
+    @triton.jit
+    def _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE: tl.constexpr):
+        """s_h = exp(min(logit_scale_h, MAX_LOGIT_SCALE)), float32. A where, not tl.minimum, clamps:
+        tl.minimum drops a NaN, torch.clamp (the reference) keeps it."""
+        log_scale = tl.load(logit_scale_ptr + h * stride_scale_h).to(tl.float32)
+        return tl.exp(tl.where(log_scale > MAX_LOGIT_SCALE, MAX_LOGIT_SCALE, log_scale))
+
+    @triton.jit
+    def _inv_norm(x32, NORM_EPS: tl.constexpr):
+        """1 / max(|x_i|, eps) per row of a float32 (rows, head_dim) tile: F.normalize's denominator."""
+        return 1.0 / tl.maximum(tl.sqrt(tl.sum(x32 * x32, 1)), NORM_EPS)
+
+    @triton.jit
+    def _query_operand(q, scale, COSINE: tl.constexpr, NORM_EPS: tl.constexpr, WIDEN_DOTS: tl.constexpr):
+        """The score dot's query operand in q's dtype: scale * norm(q) (cosine; scale = s_h), else
+        q * scale, rounded to q's dtype as the official V1's ``q = q * self.scale``."""
+        q32 = q.to(tl.float32)
+        if COSINE:
+            return _operand((q32 * (scale * _inv_norm(q32, NORM_EPS))[:, None]).to(q.dtype), WIDEN_DOTS)
+        return _operand((q32 * scale).to(q.dtype), WIDEN_DOTS)
+
+    @triton.jit
     def _attn_inner(acc, l_i, m_i, q, q_fac, region_q, offs_m, m_valid,
                     k_base, v_base, stride_l, bias_base, stride_bias_m, qf_base, kf_base, stride_fac_n,
                     region_base, row0, col0,
@@ -141,8 +194,7 @@ if triton is not None:
             k = tl.load(k_base + tok_n[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             if COSINE:
                 k32 = k.to(tl.float32)
-                k_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 1)), NORM_EPS)
-                k = (k32 * k_inv[:, None]).to(k.dtype)
+                k = (k32 * _inv_norm(k32, NORM_EPS)[:, None]).to(k.dtype)
             qk = tl.dot(q, tl.trans(_operand(k, WIDEN_DOTS)))
             if BIAS_MODE == 2:
                 if RANK_PAD <= HEAD_DIM_PAD:
@@ -178,10 +230,10 @@ if triton is not None:
             v = tl.load(v_base + tok_n[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             acc = tl.dot(_operand(p.to(v.dtype), WIDEN_DOTS), _operand(v, WIDEN_DOTS), acc * alpha[:, None])
             m_i = m_ij
-        return acc, l_i
+        return acc, l_i, m_i
 
     @triton.jit
-    def _flash_bias_fwd(qkv_ptr, out_ptr, logit_scale_ptr, bias_ptr, q_fac_ptr, k_fac_ptr, region_ptr,
+    def _flash_bias_fwd(qkv_ptr, out_ptr, lse_ptr, logit_scale_ptr, bias_ptr, q_fac_ptr, k_fac_ptr, region_ptr,
                         stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l, stride_scale_h,
                         stride_bias_h, stride_bias_m, stride_fac_h, stride_fac_n, stride_region_w,
                         num_heads, num_region_windows, qk_scale,
@@ -189,25 +241,21 @@ if triton is not None:
                         RANK, RANK_PAD: tl.constexpr,
                         IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
                         SHIFT: tl.constexpr, BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-                        COSINE: tl.constexpr,
+                        COSINE: tl.constexpr, STORE_LSE: tl.constexpr,
                         WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, MAX_LOGIT_SCALE: tl.constexpr,
                         NORM_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one window and one head.
 
         A flat grid with the query block fastest, then the head, then the window: programs that run
-        together share K/V tiles and the bias of a head in L2, and no grid axis limits the batch."""
+        together share K/V tiles and the bias of a head in L2, and no grid axis limits the batch.
+        STORE_LSE: also each row's log-sum-exp, float32 (B, H*W, H) in token order, for the backward."""
         NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-        WINDOWS_W: tl.constexpr = IMG_W // WIN_W
-        WINDOWS: tl.constexpr = (IMG_H // WIN_H) * WINDOWS_W
         pid = tl.program_id(0)
         m_block = pid % NUM_M
         gh = pid // NUM_M
         h = gh % num_heads
         g = gh // num_heads                      # window index in the batch
-        b = g // WINDOWS
-        w = g % WINDOWS
-        row0 = (w // WINDOWS_W) * WIN_H
-        col0 = (w % WINDOWS_W) * WIN_W
+        b, row0, col0 = _window_origin(g, IMG_H, IMG_W, WIN_H, WIN_W)
 
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
@@ -218,17 +266,9 @@ if triton is not None:
         qkv_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
         q = tl.load(qkv_base + tok_m[:, None] * stride_qkv_l + offs_d[None, :],
                     mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        q32 = q.to(tl.float32)
-        if COSINE:
-            # cosine attention: normalise q and fold the clamped per-head logit scale into it; a where, not
-            # tl.minimum, clamps: tl.minimum drops a NaN, torch.clamp (the reference) keeps it
-            log_scale = tl.load(logit_scale_ptr + h * stride_scale_h).to(tl.float32)
-            scale = tl.exp(tl.where(log_scale > MAX_LOGIT_SCALE, MAX_LOGIT_SCALE, log_scale))
-            q_mul = scale / tl.maximum(tl.sqrt(tl.sum(q32 * q32, 1)), NORM_EPS)
-            q = _operand((q32 * q_mul[:, None]).to(q.dtype), WIDEN_DOTS)
-        else:
-            # scaled dot product: the scale folded into q, rounded to q's dtype as the official V1's q * scale
-            q = _operand((q32 * qk_scale).to(q.dtype), WIDEN_DOTS)
+        # cosine attention: q normalised with the clamped per-head logit scale folded in
+        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else qk_scale
+        q = _query_operand(q, scale, COSINE, NORM_EPS, WIDEN_DOTS)
 
         q_fac = q
         qf_base = q_fac_ptr + h * stride_fac_h
@@ -247,7 +287,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-        acc, l_i = _attn_inner(acc, l_i, m_i, q, q_fac, region_q, offs_m, m_valid,
+        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, q_fac, region_q, offs_m, m_valid,
                                qkv_base + C, qkv_base + 2 * C, stride_qkv_l,
                                bias_ptr + h * stride_bias_h, stride_bias_m, qf_base, kf_base, stride_fac_n,
                                region_base, row0, col0,
@@ -257,6 +297,9 @@ if triton is not None:
         out_ptrs = (out_ptr + b.to(tl.int64) * stride_out_b + tok_m[:, None] * stride_out_l
                     + h * HEAD_DIM + offs_d[None, :])
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        if STORE_LSE:   # m_i is in log2 units
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            tl.store(lse_ptr + (b.to(tl.int64) * (IMG_H * IMG_W) + tok_m) * num_heads + h, lse, mask=m_valid)
 
     def _prune_configs(configs, named_args, **kwargs):
         n_pad = triton.next_power_of_2(named_args["N"] if "N" in named_args else kwargs["N"])
@@ -272,9 +315,288 @@ if triton is not None:
     _flash_bias_fwd_tuned = triton.autotune(
         configs=_AUTOTUNE_CONFIGS,
         key=["N", "C", "HEAD_DIM", "RANK_PAD", "IMG_H", "IMG_W", "SHIFT", "BIAS_MODE", "HAS_MASK", "COSINE",
-             "WIDEN_DOTS"],
+             "STORE_LSE", "WIDEN_DOTS"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_flash_bias_fwd)
+
+    # ------------------------------------------------------------------------------------------
+    # The backward (exact bias or none): FlashAttention-2's structure, P recomputed from the LSE
+    # ------------------------------------------------------------------------------------------
+    @triton.jit
+    def _rows(base, tok, stride_l, valid, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+        """The (rows, HEAD_DIM_PAD) tile of tokens tok (int64 positions): base + tok * stride_l."""
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        return tl.load(base + tok[:, None] * stride_l + offs_d[None, :],
+                       mask=valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+    @triton.jit
+    def _store_rows(base, tok, stride_l, valid, x, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        tl.store(base + tok[:, None] * stride_l + offs_d[None, :], x.to(base.dtype.element_ty),
+                 mask=valid[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+    @triton.jit
+    def _key_operand(k, COSINE: tl.constexpr, NORM_EPS: tl.constexpr):
+        """The score dot's key operand in k's dtype: norm(k) (cosine), else k; as the forward rounds it."""
+        if COSINE:
+            k32 = k.to(tl.float32)
+            return (k32 * _inv_norm(k32, NORM_EPS)[:, None]).to(k.dtype)
+        return k
+
+    @triton.jit
+    def _normalize_backward(dx_hat, x32, NORM_EPS: tl.constexpr):
+        """Through x_hat = x / max(|x|, eps) per row: dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps),
+        the radial term only where |x| >= eps (torch.clamp_min's gradient)."""
+        norm = tl.sqrt(tl.sum(x32 * x32, 1))
+        inv = 1.0 / tl.maximum(norm, NORM_EPS)
+        x_hat = x32 * inv[:, None]
+        radial = tl.where(norm >= NORM_EPS, tl.sum(x_hat * dx_hat, 1), 0.0)
+        return (dx_hat - x_hat * radial[:, None]) * inv[:, None]
+
+    @triton.jit
+    def _logits(qs, kh, bias_base, stride_bias_m, offs_m, offs_n, valid, region_q, region_k,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_VALUE: tl.constexpr, WIDEN_DOTS: tl.constexpr):
+        """(S, S + B + M): the (BLOCK_M, BLOCK_N) tiles of the scores and the logits, float32, as the forward
+        forms them."""
+        scores = tl.dot(qs, tl.trans(_operand(kh, WIDEN_DOTS)))
+        logits = scores
+        if HAS_BIAS:
+            logits += tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :], mask=valid,
+                              other=0.0).to(tl.float32)
+        if HAS_MASK:
+            logits += tl.where(region_q[:, None] == region_k[None, :], 0.0, MASK_VALUE)
+        return scores, logits
+
+    @triton.jit
+    def _probs_and_dscores(logits, lse, delta, do, v, valid, WIDEN_DOTS: tl.constexpr):
+        """P = exp(logits - lse), dP = dO v^T and dS = P * (dP - delta) of a tile, float32, P zero outside the
+        window."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        p = tl.where(valid, tl.math.exp2((logits - lse[:, None]) * LOG2E), 0.0)
+        dp = tl.dot(do, tl.trans(_operand(v, WIDEN_DOTS)))
+        return p, dp, p * (dp - delta[:, None])
+
+    @triton.jit
+    def _bwd_dkdv_inner(dk, dv, kh, v, offs_n, n_valid, region_k, q_base, do_base, stride_qkv_l, stride_do_l,
+                        lse_base, delta_base, num_heads, scale, bias_base, stride_bias_m, region_base, dbias_base,
+                        row0, col0,
+                        N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                        DBIAS_ATOMIC: tl.constexpr, WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr,
+                        NORM_EPS: tl.constexpr, BLOCK_M: tl.constexpr):
+        """dk (w.r.t. the key operand) and dv, float32, of one key block over all query blocks of the
+        window: dv += P^T dO, dk += dS^T q_s; DBIAS_ATOMIC: each dS tile also added into d bias."""
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < N
+            tok_m = _token_index(offs_m, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64)
+            valid = m_valid[:, None] & n_valid[None, :]
+            qs = _query_operand(_rows(q_base, tok_m, stride_qkv_l, m_valid, HEAD_DIM, HEAD_DIM_PAD), scale,
+                                COSINE, NORM_EPS, WIDEN_DOTS)
+            region_q = offs_m
+            if HAS_MASK:
+                region_q = tl.load(region_base + offs_m, mask=m_valid, other=0)
+            _, logits = _logits(qs, kh, bias_base, stride_bias_m, offs_m, offs_n, valid, region_q, region_k,
+                                HAS_BIAS, HAS_MASK, MASK_VALUE, WIDEN_DOTS)
+            do = _operand(_rows(do_base, tok_m, stride_do_l, m_valid, HEAD_DIM, HEAD_DIM_PAD), WIDEN_DOTS)
+            lse = tl.load(lse_base + tok_m * num_heads, mask=m_valid, other=0.0)
+            delta = tl.load(delta_base + tok_m * num_heads, mask=m_valid, other=0.0)
+            p, _, ds = _probs_and_dscores(logits, lse, delta, do, v, valid, WIDEN_DOTS)
+            dv = tl.dot(tl.trans(_operand(p.to(v.dtype), WIDEN_DOTS)), do, dv)
+            dk = tl.dot(tl.trans(_operand(ds.to(v.dtype), WIDEN_DOTS)), qs, dk)
+            if DBIAS_ATOMIC:
+                tl.atomic_add(dbias_base + offs_m[:, None] * N + offs_n[None, :], ds, mask=valid)
+        return dk, dv
+
+    @triton.jit
+    def _bwd_dq_inner(dq, ds_s, ds_sum, p_s, qs, do, lse, delta, offs_m, m_valid, region_q, k_base, v_base,
+                      stride_qkv_l,
+                      bias_base, stride_bias_m, region_base, row0, col0,
+                      N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                      IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                      WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, NORM_EPS: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        """dq (w.r.t. the query operand q_s) = dS @ k_op of one query block over all key blocks, float32.
+
+        Cosine: also the row sums of dS S, dS and P S, whose a - b * e is rowsum(dS * (S - rowsum(P S))) =
+        rowsum(dS * S), the row's d s_h * s_h. Subtracting the expected score matters: delta from the rounded
+        output breaks the rows' zero sum, an error that the scores (up to 100) multiply (measured in float16:
+        5e-2 relative error of d logit_scale from rowsum(dS * S) alone, 7e-3 for the autocast PyTorch math)."""
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < N
+            tok_n = _token_index(offs_n, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64)
+            valid = m_valid[:, None] & n_valid[None, :]
+            kh = _key_operand(_rows(k_base, tok_n, stride_qkv_l, n_valid, HEAD_DIM, HEAD_DIM_PAD), COSINE, NORM_EPS)
+            v = _rows(v_base, tok_n, stride_qkv_l, n_valid, HEAD_DIM, HEAD_DIM_PAD)
+            region_k = offs_n
+            if HAS_MASK:
+                region_k = tl.load(region_base + offs_n, mask=n_valid, other=0)
+            scores, logits = _logits(qs, kh, bias_base, stride_bias_m, offs_m, offs_n, valid, region_q, region_k,
+                                     HAS_BIAS, HAS_MASK, MASK_VALUE, WIDEN_DOTS)
+            p, dp, ds = _probs_and_dscores(logits, lse, delta, do, v, valid, WIDEN_DOTS)
+            if COSINE:
+                ds_s += tl.sum(ds * scores, 1)
+                ds_sum += tl.sum(ds, 1)
+                p_s += tl.sum(p * scores, 1)
+            dq = tl.dot(_operand(ds.to(kh.dtype), WIDEN_DOTS), _operand(kh, WIDEN_DOTS), dq)
+        return dq, ds_s, ds_sum, p_s
+
+    @triton.jit
+    def _flash_bias_bwd(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, dscale_ptr, dbias_ptr, logit_scale_ptr,
+                        bias_ptr, region_ptr, stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l,
+                        stride_dqkv_b, stride_dqkv_l, stride_scale_h, stride_bias_h, stride_bias_m, stride_region_w,
+                        num_heads, num_region_windows, qk_scale,
+                        N: tl.constexpr, C: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                        SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                        DBIAS_ATOMIC: tl.constexpr, WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr,
+                        MAX_LOGIT_SCALE: tl.constexpr, NORM_EPS: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_ITER: tl.constexpr):
+        """One program: token block j (BLOCK tokens) of one window and one head, grid ordered as the
+        forward's. First dk, dv of keys j over every query block, then dq of queries j over every key
+        block (steps of BLOCK_ITER), each recomputing P from the forward's LSE; no atomics on dqkv.
+        Cosine: also rowsum(dS * S) per query row into dscale (its sum over rows is d s_h * s_h)."""
+        NUM_BLOCKS: tl.constexpr = (N + BLOCK - 1) // BLOCK
+        pid = tl.program_id(0)
+        gh = pid // NUM_BLOCKS
+        h = gh % num_heads
+        g = gh // num_heads
+        b, row0, col0 = _window_origin(g, IMG_H, IMG_W, WIN_H, WIN_W)
+        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else qk_scale
+        q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+        do_base = do_ptr + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
+        dq_base = dqkv_ptr + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
+        stats = b.to(tl.int64) * (IMG_H * IMG_W) * num_heads + h    # per-row float32 (B, H*W, heads)
+        bias_base = bias_ptr + h * stride_bias_h
+        region_base = region_ptr
+        offs = (pid % NUM_BLOCKS) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < N
+        tok = _token_index(offs, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64)
+        region = offs
+        if HAS_MASK:
+            region_base = region_ptr + (g % num_region_windows) * stride_region_w
+            region = tl.load(region_base + offs, mask=valid, other=0)
+
+        k = _rows(q_base + C, tok, stride_qkv_l, valid, HEAD_DIM, HEAD_DIM_PAD)
+        v = _rows(q_base + 2 * C, tok, stride_qkv_l, valid, HEAD_DIM, HEAD_DIM_PAD)
+        dk = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+        dk, dv = _bwd_dkdv_inner(dk, dv, _key_operand(k, COSINE, NORM_EPS), v, offs, valid, region, q_base, do_base,
+                                 stride_qkv_l, stride_do_l, lse_ptr + stats, delta_ptr + stats, num_heads, scale,
+                                 bias_base, stride_bias_m, region_base, dbias_ptr + h * N * N, row0, col0,
+                                 N, HEAD_DIM, HEAD_DIM_PAD, IMG_H, IMG_W, WIN_W, SHIFT, HAS_BIAS, HAS_MASK, COSINE,
+                                 DBIAS_ATOMIC, WIDEN_DOTS, MASK_VALUE, NORM_EPS, BLOCK_ITER)
+        if COSINE:
+            dk = _normalize_backward(dk, k.to(tl.float32), NORM_EPS)
+        _store_rows(dq_base + C, tok, stride_dqkv_l, valid, dk, HEAD_DIM, HEAD_DIM_PAD)
+        _store_rows(dq_base + 2 * C, tok, stride_dqkv_l, valid, dv, HEAD_DIM, HEAD_DIM_PAD)
+
+        q = _rows(q_base, tok, stride_qkv_l, valid, HEAD_DIM, HEAD_DIM_PAD)
+        do = _operand(_rows(do_base, tok, stride_do_l, valid, HEAD_DIM, HEAD_DIM_PAD), WIDEN_DOTS)
+        lse = tl.load(lse_ptr + stats + tok * num_heads, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + stats + tok * num_heads, mask=valid, other=0.0)
+        dq = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+        zero = tl.zeros([BLOCK], dtype=tl.float32)
+        dq, ds_s, ds_sum, p_s = _bwd_dq_inner(
+            dq, zero, zero, zero, _query_operand(q, scale, COSINE, NORM_EPS, WIDEN_DOTS), do, lse, delta, offs, valid,
+            region, q_base + C, q_base + 2 * C, stride_qkv_l, bias_base, stride_bias_m, region_base, row0, col0,
+            N, HEAD_DIM, HEAD_DIM_PAD, IMG_H, IMG_W, WIN_W, SHIFT, HAS_BIAS, HAS_MASK, COSINE, WIDEN_DOTS, MASK_VALUE,
+            NORM_EPS, BLOCK_ITER)
+        dq = dq * scale     # cosine: d q_hat (q_s = s * q_hat); scaled dot product: dq
+        if COSINE:
+            dq = _normalize_backward(dq, q.to(tl.float32), NORM_EPS)
+            tl.store(dscale_ptr + stats + tok * num_heads, ds_s - ds_sum * p_s, mask=valid)
+        _store_rows(dq_base, tok, stride_dqkv_l, valid, dq, HEAD_DIM, HEAD_DIM_PAD)
+
+    @triton.jit
+    def _window_dscores(g, offs_m, offs_n, valid, qkv_ptr, do_ptr, lse_ptr, delta_ptr, region_ptr, bias_base,
+                        stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_bias_m, stride_region_w,
+                        h, num_heads, num_region_windows, scale,
+                        N: tl.constexpr, C: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                        SHIFT: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                        WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, NORM_EPS: tl.constexpr):
+        """The dS tile (float32) of window g and head h, recomputed from q, k, v, dO and the row stats."""
+        b, row0, col0 = _window_origin(g, IMG_H, IMG_W, WIN_H, WIN_W)
+        m_valid = offs_m < N
+        n_valid = offs_n < N
+        tok_m = _token_index(offs_m, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64)
+        tok_n = _token_index(offs_n, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64)
+        q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+        qs = _query_operand(_rows(q_base, tok_m, stride_qkv_l, m_valid, HEAD_DIM, HEAD_DIM_PAD), scale, COSINE,
+                            NORM_EPS, WIDEN_DOTS)
+        kh = _key_operand(_rows(q_base + C, tok_n, stride_qkv_l, n_valid, HEAD_DIM, HEAD_DIM_PAD), COSINE, NORM_EPS)
+        v = _rows(q_base + 2 * C, tok_n, stride_qkv_l, n_valid, HEAD_DIM, HEAD_DIM_PAD)
+        do = _operand(_rows(do_ptr + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, tok_m, stride_do_l, m_valid,
+                            HEAD_DIM, HEAD_DIM_PAD), WIDEN_DOTS)
+        region_q = offs_m
+        region_k = offs_n
+        if HAS_MASK:
+            region_base = region_ptr + (g % num_region_windows) * stride_region_w
+            region_q = tl.load(region_base + offs_m, mask=m_valid, other=0)
+            region_k = tl.load(region_base + offs_n, mask=n_valid, other=0)
+        _, logits = _logits(qs, kh, bias_base, stride_bias_m, offs_m, offs_n, valid, region_q, region_k,
+                            True, HAS_MASK, MASK_VALUE, WIDEN_DOTS)
+        stats = (b.to(tl.int64) * (IMG_H * IMG_W) + tok_m) * num_heads + h
+        lse = tl.load(lse_ptr + stats, mask=m_valid, other=0.0)
+        delta = tl.load(delta_ptr + stats, mask=m_valid, other=0.0)
+        _, _, ds = _probs_and_dscores(logits, lse, delta, do, v, valid, WIDEN_DOTS)
+        return ds
+
+    @triton.jit
+    def _flash_bias_dbias_partial(qkv_ptr, do_ptr, lse_ptr, delta_ptr, partial_ptr, logit_scale_ptr, bias_ptr,
+                                  region_ptr, stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_scale_h,
+                                  stride_bias_h, stride_bias_m, stride_region_w, num_heads, num_region_windows,
+                                  num_windows, windows_per_chunk, qk_scale,
+                                  N: tl.constexpr, C: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                  HEAD_DIM_PAD: tl.constexpr, IMG_H: tl.constexpr, IMG_W: tl.constexpr,
+                                  WIN_H: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
+                                  HAS_MASK: tl.constexpr, COSINE: tl.constexpr, WIDEN_DOTS: tl.constexpr,
+                                  MASK_VALUE: tl.constexpr, MAX_LOGIT_SCALE: tl.constexpr, NORM_EPS: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: the (BLOCK_M, BLOCK_N) tile of d bias of one head, dS summed in registers over one
+        chunk of windows (P and dS recomputed per window), stored once into partial (chunks, heads, N, N)."""
+        NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+        NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        pid = tl.program_id(0)
+        offs_n = (pid % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = (pid // NUM_N % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = pid // (NUM_N * NUM_M) % num_heads
+        chunk = pid // (NUM_N * NUM_M * num_heads)
+        valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
+        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else qk_scale
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        g_end = tl.minimum(chunk * windows_per_chunk + windows_per_chunk, num_windows)
+        for g in range(chunk * windows_per_chunk, g_end):
+            # the loop index is a plain int in the interpreter: cast, so the window arithmetic has a dtype
+            acc += _window_dscores(tl.cast(g, tl.int64), offs_m, offs_n, valid, qkv_ptr, do_ptr, lse_ptr, delta_ptr,
+                                   region_ptr,
+                                   bias_ptr + h * stride_bias_h, stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l,
+                                   stride_bias_m, stride_region_w, h, num_heads, num_region_windows, scale,
+                                   N, C, HEAD_DIM, HEAD_DIM_PAD, IMG_H, IMG_W, WIN_H, WIN_W, SHIFT, HAS_MASK, COSINE,
+                                   WIDEN_DOTS, MASK_VALUE, NORM_EPS)
+        out = partial_ptr + (chunk * num_heads + h).to(tl.int64) * N * N
+        tl.store(out + offs_m[:, None] * N + offs_n[None, :], acc, mask=valid)
+
+    @triton.jit
+    def _flash_bias_bwd_delta(out_ptr, do_ptr, delta_ptr, rows, stride_out_b, stride_out_l, stride_do_b,
+                              stride_do_l, num_heads, L: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr):
+        """delta = rowsum(dO * O) of ROWS tokens and one head (FlashAttention-2's preprocessing), float32
+        (B, L, heads) in token order."""
+        h = tl.program_id(0) % num_heads
+        offs_r = (tl.program_id(0) // num_heads) * ROWS + tl.arange(0, ROWS)
+        valid = offs_r < rows
+        b = (offs_r // L).to(tl.int64)
+        tok = (offs_r % L).to(tl.int64)
+        o = _rows(out_ptr + b[:, None] * stride_out_b + h * HEAD_DIM, tok, stride_out_l, valid, HEAD_DIM,
+                  HEAD_DIM_PAD)
+        do = _rows(do_ptr + b[:, None] * stride_do_b + h * HEAD_DIM, tok, stride_do_l, valid, HEAD_DIM, HEAD_DIM_PAD)
+        tl.store(delta_ptr + offs_r.to(tl.int64) * num_heads + h,
+                 tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=valid)
 
 def _default_config(N: int, head_dim: int):
     """Block shapes without autotuning (FLASHBIAS_AUTOTUNE=1 searches instead): the first call of a
@@ -288,9 +610,28 @@ def _default_config(N: int, head_dim: int):
     return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
 
 
+def _default_bwd_configs(N: int, head_dim: int):
+    """Block shapes of the backward (not tuned on a GPU yet): ``_flash_bias_bwd`` (BLOCK tokens owned,
+    BLOCK_ITER the inner loop's step) and ``_flash_bias_dbias_partial`` (its d bias tile)."""
+    warps = 8 if head_dim > 64 else 4
+    if N >= 64:
+        return (triton.Config({"BLOCK": 64, "BLOCK_ITER": 32}, num_warps=warps, num_stages=2),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=warps, num_stages=2))
+    return (triton.Config({"BLOCK": 32, "BLOCK_ITER": 16}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2))
+
+
 # The interpreter runs one fixed, small configuration (autotuning there would only cost time);
 # tests may set it to exercise other block shapes.
 INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
+INTERPRET_BWD_BLOCKS = ({"BLOCK": 32, "BLOCK_ITER": 16}, {"BLOCK_M": 32, "BLOCK_N": 16})
+# How the backward sums d bias over the windows (env FLASHBIAS_BIAS_GRAD, read at each forward that
+# records a backward): "partial", a separate kernel per (head, tile, chunk of windows) that recomputes dS
+# and stores one float32 partial sum per chunk (deterministic), or "atomic", a float32 atomic add of
+# every dS tile from the main backward kernel (no recomputation; the order of the adds varies).
+BIAS_GRAD_DESIGNS = ("partial", "atomic")
+# Programs the partial d bias kernel aims for: enough to fill a GPU; each more chunk costs (heads, N, N) float32.
+DBIAS_PROGRAMS = 1024
 # Tests set this so that an output element the kernel fails to write shows up as NaN.
 POISON_OUTPUT = False
 
@@ -483,7 +824,9 @@ def attention_reference(qkv: torch.Tensor, num_heads: int, logit_scale: Optional
 def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor], region_ids: Optional[torch.Tensor],
             num_heads: int, image_size: List[int], window_size: List[int], shift_size: int,
-            qk_scale: Optional[float]) -> torch.Tensor:
+            qk_scale: Optional[float], lse: Optional[torch.Tensor] = None, wrap=None) -> torch.Tensor:
+    """The forward's launch; lse: float32 (B, H*W, num_heads) to receive each row's log-sum-exp, or None; wrap: see
+    _launcher."""
     B, L, three_c = qkv.shape
     C = three_c // 3
     head_dim = C // num_heads
@@ -510,7 +853,7 @@ def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Option
         # any integer dtype as it is: a cast to int32 would merge ids that differ beyond 32 bits
         region_ids = region_ids.contiguous()
     dummy = out  # never read: its branch is compiled out
-    args = (qkv, out, logit_scale if logit_scale is not None else dummy,
+    args = (qkv, out, lse if lse is not None else dummy, logit_scale if logit_scale is not None else dummy,
             bias if bias is not None else dummy,
             q_bias if q_bias is not None else dummy,
             k_bias if k_bias is not None else dummy,
@@ -526,23 +869,150 @@ def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Option
                 RANK=rank, RANK_PAD=max(16, _next_pow2(rank)) if rank else 16,
                 IMG_H=img_h, IMG_W=img_w, WIN_H=win_h, WIN_W=win_w, SHIFT=shift_size,
                 BIAS_MODE=bias_mode, HAS_MASK=region_ids is not None, COSINE=logit_scale is not None,
-                WIDEN_DOTS=_interpreting() and qkv.dtype == torch.bfloat16,
+                STORE_LSE=lse is not None, WIDEN_DOTS=_interpreting() and qkv.dtype == torch.bfloat16,
                 MASK_VALUE=MASK_VALUE, MAX_LOGIT_SCALE=MAX_LOGIT_SCALE, NORM_EPS=NORM_EPS)
     programs = B * windows * num_heads
 
     if _interpreting():
         blocks = INTERPRET_BLOCKS
         grid = (triton.cdiv(N, blocks["BLOCK_M"]) * programs,)
-        _flash_bias_fwd[grid](*args, **meta, **blocks)
+        _launcher(_flash_bias_fwd, wrap)[grid](*args, **meta, **blocks)
     elif os.environ.get("FLASHBIAS_AUTOTUNE", "0") == "1":
         def grid(cfg):
             return (triton.cdiv(N, cfg["BLOCK_M"]) * programs,)
-        _flash_bias_fwd_tuned[grid](*args, **meta)
+        _launcher(_flash_bias_fwd_tuned, wrap)[grid](*args, **meta)
     else:
         cfg = _default_config(N, head_dim)
         grid = (triton.cdiv(N, cfg.kwargs["BLOCK_M"]) * programs,)
-        _flash_bias_fwd[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launcher(_flash_bias_fwd, wrap)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                               num_stages=cfg.num_stages)
     return out
+
+
+def _bias_grad_design() -> str:
+    """The d bias design of the backward, env FLASHBIAS_BIAS_GRAD (see BIAS_GRAD_DESIGNS)."""
+    design = os.environ.get("FLASHBIAS_BIAS_GRAD", BIAS_GRAD_DESIGNS[0])
+    if design not in BIAS_GRAD_DESIGNS:
+        raise ValueError(f"flash_bias_attention: FLASHBIAS_BIAS_GRAD must be one of "
+                         f"{', '.join(map(repr, BIAS_GRAD_DESIGNS))}; got {design!r}")
+    return design
+
+
+def _launch_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     logit_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     region_ids: Optional[torch.Tensor], num_heads: int, image_size: List[int],
+                     window_size: List[int], shift_size: int, qk_scale: Optional[float], bias_grad: Optional[str]):
+    """The backward's launches: delta = rowsum(dO * O), then dqkv (and the d bias atomics), then the partial
+    d bias kernel. grad_out, out: (B, L, C); lse: float32 (B, L, num_heads); bias_grad: the d bias design, or
+    None for no d bias. Returns (dqkv (B, L, 3C) in qkv's dtype, d s_h * s_h summed over every window and
+    row as float32 (num_heads,) or None, d bias float32 (num_heads, N, N) or None)."""
+    B, L, three_c = qkv.shape
+    C = three_c // 3
+    head_dim = C // num_heads
+    (img_h, img_w), (win_h, win_w) = image_size, window_size
+    N = win_h * win_w
+    windows = B * (img_h // win_h) * (img_w // win_w)
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    f32 = dict(device=qkv.device, dtype=torch.float32)
+    delta = torch.empty((B, L, num_heads), **f32)
+    dqkv = torch.empty((B, L, three_c), device=qkv.device, dtype=qkv.dtype)
+    dscale = torch.empty((B, L, num_heads), **f32) if logit_scale is not None else None
+    dbias = torch.zeros((num_heads, N, N), **f32) if bias_grad == "atomic" else None
+    if POISON_OUTPUT:
+        for t in (delta, dqkv, dscale):
+            if t is not None:
+                t.fill_(float("nan"))
+    if logit_scale is not None:
+        logit_scale = logit_scale.reshape(num_heads)
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    if region_ids is not None and region_ids.stride(-1) != 1:
+        region_ids = region_ids.contiguous()
+    head_dim_pad = max(16, _next_pow2(head_dim))
+    rows = B * L
+    _flash_bias_bwd_delta[(triton.cdiv(rows, 32) * num_heads,)](
+        out, grad_out, delta, rows, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), num_heads,
+        L=L, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, ROWS=32)
+
+    dummy = delta  # never read: its branch is compiled out
+    scale_arg = logit_scale if logit_scale is not None else dummy
+    bias_arg = bias if bias is not None else dummy
+    region_arg = region_ids if region_ids is not None else dummy
+    strides = (logit_scale.stride(0) if logit_scale is not None else 0,
+               bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+               region_ids.stride(0) if region_ids is not None else 0,
+               num_heads, region_ids.shape[0] if region_ids is not None else 1)
+    meta = dict(N=N, C=C, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IMG_H=img_h, IMG_W=img_w, WIN_H=win_h,
+                WIN_W=win_w, SHIFT=shift_size, HAS_MASK=region_ids is not None, COSINE=logit_scale is not None,
+                WIDEN_DOTS=_interpreting() and qkv.dtype == torch.bfloat16, MASK_VALUE=MASK_VALUE,
+                MAX_LOGIT_SCALE=MAX_LOGIT_SCALE, NORM_EPS=NORM_EPS)
+    qk_scale = qk_scale if qk_scale is not None else 1.0
+    if _interpreting():
+        (blocks, tile), launch_opts = INTERPRET_BWD_BLOCKS, ({}, {})
+    else:
+        cfgs = _default_bwd_configs(N, head_dim)
+        (blocks, tile) = cfgs[0].kwargs, cfgs[1].kwargs
+        launch_opts = tuple(dict(num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs)
+    _flash_bias_bwd[(triton.cdiv(N, blocks["BLOCK"]) * windows * num_heads,)](
+        qkv, grad_out, lse, delta, dqkv, dscale if dscale is not None else dummy,
+        dbias if dbias is not None else dummy, scale_arg, bias_arg, region_arg,
+        qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1),
+        *strides, qk_scale, HAS_BIAS=bias is not None, DBIAS_ATOMIC=bias_grad == "atomic", **meta, **blocks,
+        **launch_opts[0])
+
+    if bias_grad == "partial":
+        tiles = num_heads * triton.cdiv(N, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"])
+        per_chunk = triton.cdiv(windows, min(windows, triton.cdiv(DBIAS_PROGRAMS, tiles)))
+        chunks = triton.cdiv(windows, per_chunk)
+        partial = torch.empty((chunks, num_heads, N, N), **f32)
+        if POISON_OUTPUT:
+            partial.fill_(float("nan"))
+        _flash_bias_dbias_partial[(chunks * tiles,)](
+            qkv, grad_out, lse, delta, partial, scale_arg, bias_arg, region_arg,
+            qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), *strides, windows, per_chunk,
+            qk_scale, **meta, **tile, **launch_opts[1])
+        dbias = partial.sum(0) if chunks > 1 else partial[0]
+    return dqkv, (dscale.sum((0, 1)) if dscale is not None else None), dbias
+
+
+class _FlashBiasAttentionFunction(torch.autograd.Function):
+    """The kernel with its backward (exact bias or none): the forward also stores each row's log-sum-exp
+    (float32 (B, L, num_heads)), which is all the backward keeps besides its inputs and the output."""
+
+    @staticmethod
+    def forward(qkv, logit_scale, bias, region_ids, num_heads, image_size, window_size, shift_size, qk_scale,
+                bias_grad):
+        lse = torch.empty((*qkv.shape[:2], num_heads), device=qkv.device, dtype=torch.float32)
+        if POISON_OUTPUT:
+            lse.fill_(float("nan"))
+        out = _launch(qkv, logit_scale, bias, None, None, region_ids, num_heads, image_size, window_size,
+                      shift_size, qk_scale, lse)
+        return out, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, logit_scale, bias, region_ids, *ctx.static = inputs
+        ctx.save_for_backward(qkv, logit_scale, bias, region_ids, *output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable   # a second derivative raises instead of coming out wrong
+    def backward(ctx, grad_out, _grad_lse):
+        qkv, logit_scale, bias, region_ids, out, lse = ctx.saved_tensors
+        num_heads, image_size, window_size, shift_size, qk_scale, bias_grad = ctx.static
+        need_dbias = bias is not None and ctx.needs_input_grad[2]
+        dqkv, dscale, dbias = _launch_backward(grad_out, qkv, out, lse, logit_scale, bias, region_ids, num_heads,
+                                               image_size, window_size, shift_size, qk_scale,
+                                               bias_grad if need_dbias else None)
+        dlogit = None
+        if logit_scale is not None and ctx.needs_input_grad[1]:
+            # d logit_scale = d s * s through exp, and zero where the clamp at MAX_LOGIT_SCALE holds s. torch.clamp's
+            # gradient passes where logit_scale <= max, compared in float64 for the Python float max (float32(ln 100)
+            # lies above ln 100 and gets none); NaN gets none
+            unclamped = logit_scale.reshape(num_heads).double() <= MAX_LOGIT_SCALE
+            dlogit = torch.where(unclamped, dscale, 0.0).reshape(logit_scale.shape).to(logit_scale.dtype)
+        return (dqkv, dlogit, dbias.to(bias.dtype) if dbias is not None else None) + (None,) * 7
 
 
 # One op per copy of this module: the drop-in's models/flash_bias_triton.py and a top-level
@@ -552,20 +1022,51 @@ def _op_name(name: str) -> str:
     return f"flash_bias::{name}{suffix}"
 
 
-@torch.library.custom_op(_op_name("window_attention"), mutates_args=())
+# The ops are triton_ops: torch.compile traces into them and Inductor launches the Triton kernel from its own
+# generated code. Opaque custom_ops went through the dispatcher and the Python launcher on every call, ~0.15 ms of
+# host time each on an H100 host, which made the compiled SwinV2-B/384 slower than eager (44.5 against 28.9 ms at
+# batch 8). Inside an op's body the kernels are launched through wrap_triton (see each _launch's ``wrap``).
+def _triton_op(name: str):
+    if not _interpreting():
+        return torch.library.triton_op(_op_name(name), mutates_args=())
+
+    # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs kernels on real tensors only, and wrap_triton
+    # cannot record them: there the op stays opaque, with its own body (launches skipped) as the fake
+    def register(fn):
+        op = torch.library.custom_op(_op_name(name), mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
+
+
+class _InterpretedLaunch:
+    """An interpreted kernel's launch that skips fake tensors (the fake op's body only allocates the outputs)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+            if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _launcher(kernel, wrap):
+    """kernel itself (eager), or wrap_triton(kernel) inside a triton_op's body."""
+    if wrap is None:
+        return kernel
+    return _InterpretedLaunch(kernel) if _interpreting() else wrap(kernel)
+
+
+@_triton_op("window_attention")
 def _window_attention_op(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor],
                          region_ids: Optional[torch.Tensor], num_heads: int, image_size: List[int],
                          window_size: List[int], shift_size: int, qk_scale: Optional[float]) -> torch.Tensor:
     return _launch(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size,
-                   shift_size, qk_scale)
-
-
-@_window_attention_op.register_fake
-def _(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size, shift_size,
-      qk_scale):
-    B, L, three_c = qkv.shape
-    return qkv.new_empty((B, L, three_c // 3))
+                   shift_size, qk_scale, wrap=torch.library.wrap_triton)
 
 
 def _through_op(op, launch):
@@ -621,13 +1122,15 @@ def _has_tangent(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
 
 
 def _pick_backend(backend: Optional[str], device: torch.device, tensors: Sequence[Optional[torch.Tensor]],
-                  unsupported: Optional[Exception] = None, caller: str = "flash_bias") -> str:
+                  unsupported: Optional[Exception] = None, caller: str = "flash_bias",
+                  no_backward: Optional[str] = "has no backward pass") -> str:
     """"triton" or "torch" for a call of ``caller`` on these tensors.
 
     backend None reads env FLASHBIAS_BACKEND (default "auto"). "auto" takes the kernel only on CUDA,
-    when no tensor needs a gradient or carries a forward-mode tangent (the kernel has neither pass) and
-    ``unsupported`` is None (the caller's reason why the kernel cannot take these inputs); "triton"
-    raises where "auto" would fall back."""
+    when no tensor carries a forward-mode tangent (no kernel has that pass), no tensor needs a gradient
+    unless the kernel has a backward for these inputs (``no_backward`` None; else the reason it has
+    none, completing "the Triton kernel ..."), and ``unsupported`` is None (the caller's reason why the
+    kernel cannot take these inputs); "triton" raises where "auto" would fall back."""
     source = "backend"
     if backend is None:
         backend, source = os.environ.get("FLASHBIAS_BACKEND", "auto"), "FLASHBIAS_BACKEND"
@@ -639,12 +1142,12 @@ def _pick_backend(backend: Optional[str], device: torch.device, tensors: Sequenc
         # the interpreter is for tests: "auto" runs the kernel on CUDA only
         if triton is None or device.type != "cuda" or unsupported is not None:
             return "torch"
-        return "torch" if _needs_grad(tensors) or _has_tangent(tensors) else "triton"
+        return "torch" if (no_backward is not None and _needs_grad(tensors)) or _has_tangent(tensors) else "triton"
     if not kernel_available(device):
         raise RuntimeError(f"{caller}: the Triton kernel cannot run on {device}: it needs CUDA and Triton "
                            f"(or TRITON_INTERPRET=1 on the CPU); use backend='torch'")
-    if _needs_grad(tensors):
-        raise RuntimeError(f"{caller}: the Triton kernel has no backward pass and inputs require grad. Use "
+    if no_backward is not None and _needs_grad(tensors):
+        raise RuntimeError(f"{caller}: the Triton kernel {no_backward} and inputs require grad. Use "
                            f"backend='auto' or 'torch' (the differentiable PyTorch path), or torch.no_grad()")
     if _has_tangent(tensors):
         raise RuntimeError(f"{caller}: the Triton kernel has no forward-mode AD and inputs are dual tensors "
@@ -682,10 +1185,16 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optiona
             batch (image layout: window g of each image) uses row g % nW.
         image_size, window_size, shift_size: the image layout, see the module docstring; in the
             window layout window_size only names the window's shape.
-        backend: "auto" (the kernel on CUDA when no gradient is needed, backward or forward mode,
-            and the inputs suit it; else PyTorch), "triton" (the kernel or an error; on the CPU
-            through TRITON_INTERPRET=1) or "torch" (:func:`attention_reference`). None reads env
+        backend: "auto" (the kernel on CUDA when the inputs suit it and no tensor carries a forward-mode
+            tangent; else PyTorch), "triton" (the kernel or an error; on the CPU through
+            TRITON_INTERPRET=1) or "torch" (:func:`attention_reference`). None reads env
             FLASHBIAS_BACKEND, default "auto"; another value raises ValueError.
+
+    Gradients: with the exact bias or none, a call that needs a gradient runs the kernel with its
+    backward (see the module docstring): d qkv, d logit_scale, d bias (env FLASHBIAS_BIAS_GRAD picks
+    how d bias is summed over the windows). Low-rank ``bias_factors`` have no backward, nor does the
+    kernel under torch.compile: such a call takes the PyTorch path under "auto" and raises under
+    "triton". Calls without gradients launch the forward alone.
 
     Returns:
         (B*nW, N, C) or (B, H*W, C) in qkv's dtype. The kernel computes in qkv's dtype with float32
@@ -702,9 +1211,18 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optiona
         unsupported = ValueError(f"flash_bias_attention: the Triton kernel takes head_dim 1..{MAX_HEAD_DIM}; "
                                  f"got {head_dim}")
     tensors = (qkv, logit_scale, bias, region_ids, *(bias_factors or ()))
-    if _pick_backend(backend, qkv.device, tensors, unsupported, "flash_bias_attention") == "torch":
+    no_backward = None
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if bias_factors is not None:
+        no_backward = "has no backward pass for low-rank bias_factors"
+    elif compiling is not None and compiling():
+        no_backward = "has no backward pass under torch.compile"
+    if _pick_backend(backend, qkv.device, tensors, unsupported, "flash_bias_attention", no_backward) == "torch":
         return attention_reference(qkv, num_heads, logit_scale, bias, bias_factors, region_ids,
                                    image_size, window_size, shift_size, scale)
+    if _needs_grad(tensors):
+        return _FlashBiasAttentionFunction.apply(qkv, logit_scale, bias, region_ids, num_heads, list(img), list(win),
+                                                 shift, qk_scale, _bias_grad_design())[0]
     q_bias, k_bias = bias_factors if bias_factors is not None else (None, None)
     return _through_op(_window_attention_op, _launch)(qkv, logit_scale, bias, q_bias, k_bias, region_ids,
                                                       num_heads, list(img), list(win), shift, qk_scale)
@@ -752,7 +1270,7 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def _residual_layer_norm_launch(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                 bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
-                                low_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+                                low_dtype: Optional[torch.dtype], wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
     C = x.shape[-1]
     rows = x.numel() // C
     residual, x = residual.contiguous(), x.contiguous()
@@ -765,23 +1283,17 @@ def _residual_layer_norm_launch(residual: torch.Tensor, x: torch.Tensor, weight:
     block_c = _next_pow2(C)
     rows_per_program = max(1, min(64, 4096 // block_c))
     grid = (triton.cdiv(rows, rows_per_program),)
-    _residual_layer_norm_fwd[grid](residual, x, weight, bias, out, low if low_dtype is not None else out, rows, eps,
-                                   C=C, BLOCK_C=block_c, ROWS=rows_per_program, HAS_LOW=low_dtype is not None,
-                                   num_warps=4 if block_c <= 512 else 8)
+    _launcher(_residual_layer_norm_fwd, wrap)[grid](
+        residual, x, weight, bias, out, low if low_dtype is not None else out, rows, eps, C=C, BLOCK_C=block_c,
+        ROWS=rows_per_program, HAS_LOW=low_dtype is not None, num_warps=4 if block_c <= 512 else 8)
     return out, low
 
 
-@torch.library.custom_op(_op_name("residual_layer_norm"), mutates_args=())
+@_triton_op("residual_layer_norm")
 def _residual_layer_norm_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             eps: float, out_dtype: torch.dtype, low_dtype: Optional[torch.dtype]
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _residual_layer_norm_launch(residual, x, weight, bias, eps, out_dtype, low_dtype)
-
-
-@_residual_layer_norm_op.register_fake
-def _(residual, x, weight, bias, eps, out_dtype, low_dtype):
-    return (residual.new_empty(residual.shape, dtype=out_dtype),
-            residual.new_empty(residual.shape if low_dtype is not None else (0,), dtype=low_dtype or out_dtype))
+    return _residual_layer_norm_launch(residual, x, weight, bias, eps, out_dtype, low_dtype, torch.library.wrap_triton)
 
 
 def residual_layer_norm(residual: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm,
@@ -846,7 +1358,7 @@ if triton is not None:
 
 
 def _add_layer_norm_launch(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float, sum_dtype: torch.dtype, normed_dtype: torch.dtype
+                           eps: float, sum_dtype: torch.dtype, normed_dtype: torch.dtype, wrap=None
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     C = x.shape[-1]
     rows = x.numel() // C
@@ -859,20 +1371,15 @@ def _add_layer_norm_launch(x: torch.Tensor, branch: torch.Tensor, weight: torch.
     block_c = _next_pow2(C)
     rows_per_program = max(1, min(64, 4096 // block_c))
     grid = (triton.cdiv(rows, rows_per_program),)
-    _add_layer_norm_fwd[grid](x, branch, weight, bias, total, normed, rows, eps, C=C, BLOCK_C=block_c,
+    _launcher(_add_layer_norm_fwd, wrap)[grid](x, branch, weight, bias, total, normed, rows, eps, C=C, BLOCK_C=block_c,
                               ROWS=rows_per_program, num_warps=4 if block_c <= 512 else 8)
     return total, normed
 
 
-@torch.library.custom_op(_op_name("add_layer_norm"), mutates_args=())
+@_triton_op("add_layer_norm")
 def _add_layer_norm_op(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                        sum_dtype: torch.dtype, normed_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _add_layer_norm_launch(x, branch, weight, bias, eps, sum_dtype, normed_dtype)
-
-
-@_add_layer_norm_op.register_fake
-def _(x, branch, weight, bias, eps, sum_dtype, normed_dtype):
-    return x.new_empty(x.shape, dtype=sum_dtype), x.new_empty(x.shape, dtype=normed_dtype)
+    return _add_layer_norm_launch(x, branch, weight, bias, eps, sum_dtype, normed_dtype, torch.library.wrap_triton)
 
 
 def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm,
@@ -948,7 +1455,7 @@ if triton is not None:
 
 
 def _bias_from_table_launch(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
-                            center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                            center_rows: bool, out_dtype: torch.dtype, wrap=None) -> torch.Tensor:
     num_heads = table.shape[1]
     rows, cols = index.shape
     out = torch.empty((num_heads, rows, cols), device=table.device, dtype=out_dtype)
@@ -957,7 +1464,7 @@ def _bias_from_table_launch(table: torch.Tensor, index: torch.Tensor, sigmoid_sc
     block_cols = _next_pow2(cols)
     block_rows = max(1, min(_next_pow2(rows), 4096 // block_cols))
     grid = (num_heads * triton.cdiv(rows, block_rows),)
-    _bias_from_table_fwd[grid](table, index, out, table.stride(0), table.stride(1), index.stride(0),
+    _launcher(_bias_from_table_fwd, wrap)[grid](table, index, out, table.stride(0), table.stride(1), index.stride(0),
                                index.stride(1), out.stride(0), out.stride(1), num_heads, rows, cols,
                                table.shape[0], float(sigmoid_scale if sigmoid_scale is not None else 1.0),
                                SIGMOID=sigmoid_scale is not None, CENTER=center_rows,
@@ -966,15 +1473,10 @@ def _bias_from_table_launch(table: torch.Tensor, index: torch.Tensor, sigmoid_sc
     return out
 
 
-@torch.library.custom_op(_op_name("bias_from_table"), mutates_args=())
+@_triton_op("bias_from_table")
 def _bias_from_table_op(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
                         center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    return _bias_from_table_launch(table, index, sigmoid_scale, center_rows, out_dtype)
-
-
-@_bias_from_table_op.register_fake
-def _(table, index, sigmoid_scale, center_rows, out_dtype):
-    return table.new_empty((table.shape[1], *index.shape), dtype=out_dtype)
+    return _bias_from_table_launch(table, index, sigmoid_scale, center_rows, out_dtype, torch.library.wrap_triton)
 
 
 def _bias_from_table_torch(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
@@ -1078,29 +1580,24 @@ if triton is not None:
 
 
 def _cpb_table_launch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
-                      w2: torch.Tensor) -> torch.Tensor:
+                      w2: torch.Tensor, wrap=None) -> torch.Tensor:
     coords, w0, w2 = coords.contiguous(), w0.contiguous(), w2.contiguous()
     rows, num_heads = coords.shape[0], w2.shape[0]
     out = torch.empty((rows, num_heads), device=coords.device, dtype=torch.float32)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
     block_t = 32
-    _cpb_table_fwd[(triton.cdiv(rows, block_t),)](
+    _launcher(_cpb_table_fwd, wrap)[(triton.cdiv(rows, block_t),)](
         coords, w0, b0.contiguous() if b0 is not None else w0, w2, out, rows, num_heads,
         coords.stride(0), w0.stride(0), w2.stride(0), out.stride(0), HIDDEN=w0.shape[0],
         HEADS_PAD=max(16, _next_pow2(num_heads)), HAS_B0=b0 is not None, BLOCK_T=block_t, BLOCK_K=CPB_BLOCK_K)
     return out
 
 
-@torch.library.custom_op(_op_name("cpb_table"), mutates_args=())
+@_triton_op("cpb_table")
 def _cpb_table_op(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
                   w2: torch.Tensor) -> torch.Tensor:
-    return _cpb_table_launch(coords, w0, b0, w2)
-
-
-@_cpb_table_op.register_fake
-def _(coords, w0, b0, w2):
-    return coords.new_empty((coords.shape[0], w2.shape[0]), dtype=torch.float32)
+    return _cpb_table_launch(coords, w0, b0, w2, torch.library.wrap_triton)
 
 
 def _cpb_table_torch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],

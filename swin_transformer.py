@@ -5,7 +5,7 @@
 # Written by Ze Liu
 # --------------------------------------------------------
 # FlashBias patch: at inference each block runs its window attention on the fused Triton kernel (scaled dot-product
-# form) and fuses its residual adds with the LayerNorm that follows (flash_bias_triton.py, swin_transformer_v2.py and
+# form) and fuses its residual adds with the LayerNorm that follows (flash_bias_triton.py, flash_bias_runtime.py and
 # flash_bias_factors.py copied next to this file); the official math stays in place for training and as the
 # reference. Search "FlashBias".
 # --------------------------------------------------------
@@ -27,15 +27,12 @@ except:
     WindowProcessReverse = None
     print("[Warning] Fused window process have not been installed. Please refer to get_started.md for installation.")
 
-import logging  # FlashBias
-import os  # FlashBias
-
 try:  # FlashBias: inside the official `models` package, or as top-level modules
     from .flash_bias_triton import add_layer_norm, bias_from_table, flash_bias_attention, tracing_or_exporting
-    from .swin_transformer_v2 import ForwardGraphs, _log, _unwrap
+    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 except ImportError:
     from flash_bias_triton import add_layer_norm, bias_from_table, flash_bias_attention, tracing_or_exporting
-    from swin_transformer_v2 import ForwardGraphs, _log, _unwrap
+    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 
 
 class Mlp(nn.Module):
@@ -103,10 +100,10 @@ class WindowAttention(nn.Module):
         proj_drop (float, optional): Dropout ratio of output. Default: 0.0
 
     FlashBias: ``forward_fused`` runs this attention through ``flash_bias_attention`` (the fused Triton kernel on
-    CUDA, its PyTorch reference elsewhere) with the bias gathered from the table in every call (``derive_bias``), so it
-    is never stale. It is taken iff ``use_fused_attn(x)``: ``fused_attn`` is set, the module is in eval mode and
-    nothing needs a gradient -- e.g. main.py's validate() (model.eval() under torch.no_grad()). Training, fine-tuning
-    and anything that needs gradients run the official math in ``forward``, unchanged.
+    CUDA, its PyTorch reference elsewhere), with the bias given by ``self.flash_bias`` (a LayerBias). It is taken iff
+    ``use_fused_attn(x)``: ``fused_attn`` is set, the module is in eval mode and nothing needs a gradient -- e.g.
+    main.py's validate() (model.eval() under torch.no_grad()). Training, fine-tuning and anything that needs
+    gradients run the official math in ``forward``, unchanged.
     """
 
     def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0.):
@@ -142,7 +139,9 @@ class WindowAttention(nn.Module):
 
         trunc_normal_(self.relative_position_bias_table, std=.02)
         self.softmax = nn.Softmax(dim=-1)
-        self.fused_attn = True  # FlashBias: the fused path's switch (as timm's fused_attn); not in the state dict
+        # FlashBias: the fused path's switch (as timm's fused_attn) and this layer's bias state; not in the state dict
+        self.fused_attn = True
+        self.flash_bias = LayerBias()
 
     def forward(self, x, mask=None):
         """
@@ -188,12 +187,9 @@ class WindowAttention(nn.Module):
             region_ids: (num_windows, Wh*Ww) regions of the shift mask, or None
         """
         qkv = self.qkv(x)
-        # for the kernel float16 with centred rows: half the bias reads (from L2), half the rounding
-        kernel = qkv.is_cuda and qkv.dtype != torch.float64
-        bias = self.derive_bias(center_rows=kernel, dtype=torch.float16 if kernel else
-                                torch.promote_types(qkv.dtype, torch.float32))
-        x = flash_bias_attention(qkv, self.num_heads, bias=bias, region_ids=region_ids, image_size=image_size,
-                                 window_size=self.window_size, shift_size=shift_size, scale=self.scale)
+        x = flash_bias_attention(qkv, self.num_heads, region_ids=region_ids, image_size=image_size,
+                                 window_size=self.window_size, shift_size=shift_size, scale=self.scale,
+                                 **self.flash_bias.operands(self, qkv))
         return self.proj_drop(self.proj(x))
 
     def use_fused_attn(self, x):
@@ -210,6 +206,11 @@ class WindowAttention(nn.Module):
         ignores a row's constant; it halves float16 rounding)."""
         return bias_from_table(self.relative_position_bias_table, self.relative_position_index, sigmoid_scale=None,
                                center_rows=center_rows, out_dtype=dtype)
+
+    def bias_weights(self):
+        """FlashBias: {name: tensor} derive_bias reads, in the order of the factor files' checksum."""
+        return {"relative_position_bias_table": self.relative_position_bias_table,
+                "relative_position_index": self.relative_position_index}
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}'
@@ -669,22 +670,19 @@ class SwinTransformer(nn.Module):
         self.flash_bias_settings = FlashBiasSettings()  # FlashBias: not in the state dict
 
     def set_flash_bias(self, rank_rule=None, factors_path=None, fused=None, cuda_graphs=None):
-        """FlashBias settings, applied at the next fused forward. The Swin V1 drop-in runs the exact bias only.
+        """FlashBias settings, applied at the next fused forward (so a checkpoint can still be loaded first); as
+        swin_transformer_v2.SwinTransformerV2.set_flash_bias, with the factors of this model's bias tables.
 
         Args:
-            rank_rule, factors_path: SwinV2's low-rank options (see swin_transformer_v2); here only None or "exact",
-                and None or False (anything else raises ValueError).
+            rank_rule: "exact" (the default), "rank:R", "energy:E" or "logit:L". None: $FLASHBIAS_RANK.
+            factors_path: a factor folder or file (scripts/decompose_bias.py of this model); files take precedence
+                over the rank rule. None: $FLASHBIAS_FACTORS_DIR, else ./decomposed_bias if it holds factor files;
+                False: no files.
             fused: set every WindowAttention's fused_attn flag (None: leave them).
-            cuda_graphs: replay the fused forward from CUDA graphs (swin_transformer_v2.ForwardGraphs). None:
+            cuda_graphs: replay the fused forward from CUDA graphs (flash_bias_runtime.ForwardGraphs). None:
                 $FLASHBIAS_CUDA_GRAPHS ("0" off), else on.
         """
-        if rank_rule not in (None, "exact") or factors_path not in (None, False):
-            raise ValueError(f"FlashBias: the Swin V1 drop-in runs the exact bias only; got rank_rule={rank_rule!r}, "
-                             f"factors_path={factors_path!r} (low-rank factors are for SwinV2)")
-        self.flash_bias_settings = FlashBiasSettings(cuda_graphs)
-        if fused is not None:
-            for _, attn in window_attention_layers(self):
-                attn.fused_attn = bool(fused)
+        configure(self, rank_rule, factors_path, fused, cuda_graphs)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -735,53 +733,3 @@ class SwinTransformer(nn.Module):
         flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
         flops += self.num_features * self.num_classes
         return flops
-
-
-# --------------------------------------------------------
-# FlashBias: the model's settings (the exact bias; CUDA graphs from the V2 drop-in's ForwardGraphs)
-# --------------------------------------------------------
-class FlashBiasSettings:
-    """FlashBias: a Swin V1 model's settings, resolved at the first fused forward (nothing is read from the environment
-    at import or construction, so a checkpoint can be loaded first, as the official main.py does).
-
-    cuda_graphs: replay the fused forward from CUDA graphs (swin_transformer_v2.ForwardGraphs: one launch instead of
-        ~10 per block, whose host time bounds small batches). None: $FLASHBIAS_CUDA_GRAPHS ("0" off), else on.
-    The bias is always exact, gathered from each layer's table in every fused forward: $FLASHBIAS_RANK and
-    $FLASHBIAS_FACTORS_DIR (SwinV2's low-rank options) are not used, and a warning says so when they ask for more.
-    """
-
-    def __init__(self, cuda_graphs=None):
-        self.cuda_graphs = cuda_graphs
-        self.resolved = False
-        self.layers = []  # the WindowAttention layers, once resolved
-        self.graphs = ForwardGraphs()
-
-    def resolve(self, model):
-        self.layers = [attn for _, attn in window_attention_layers(model)]
-        if self.cuda_graphs is None:
-            self.cuda_graphs = os.environ.get("FLASHBIAS_CUDA_GRAPHS", "1") != "0"
-        self.resolved = True
-        ignored = [f"{name}={os.environ[name]}" for name in ("FLASHBIAS_RANK", "FLASHBIAS_FACTORS_DIR")
-                   if os.environ.get(name) and os.environ[name] != "exact"]
-        if ignored:
-            _log(f"FlashBias: exact bias in all {len(self.layers)} attention layers of this Swin V1 model; "
-                 f"{', '.join(ignored)} ignored (low-rank factors are for SwinV2)", logging.WARNING)
-        else:
-            _log(f"FlashBias: exact bias in all {len(self.layers)} attention layers")
-
-    def replay(self, model, x):
-        """The model's output for x replayed from a CUDA graph, or None to run eagerly: graphs are on, x is on CUDA,
-        the settings are resolved (the first forward runs eagerly), every layer runs fused, and nothing trains, needs
-        a gradient, traces or compiles."""
-        if not (self.cuda_graphs and x.is_cuda and self.resolved) or self.graphs.capturing:
-            return None
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-            return None
-        if not all(attn.use_fused_attn(x) for attn in self.layers):
-            return None
-        return self.graphs.run(model, x)
-
-
-def window_attention_layers(model):
-    """[(qualified name, WindowAttention)] in construction order (DDP / torch.compile wrappers removed)."""
-    return [(name, m) for name, m in _unwrap(model).named_modules() if isinstance(m, WindowAttention)]

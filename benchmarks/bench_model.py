@@ -56,8 +56,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from swin_config import (UserError, build_from_args, build_timm_model, config_names, cpu_threads,  # noqa: E402
-                         describe_config, import_dropin, pyplot, rank_rule_option, registered_config, rel_l2,
-                         run_main, smooth_images)
+                         describe_config, pyplot, rank_rule_option, registered_config, rel_l2, run_main,
+                         smooth_images)
+import flash_bias_runtime  # noqa: E402  (swin_config puts the repository root on sys.path)
 
 GPU_MODELS = ("t256", "b256", "b384")
 CPU_MODEL = "test_tiny"
@@ -463,7 +464,7 @@ def measure_method(mut: ModelUnderTest, method: str, prec: str, args, plan: Plan
         if method == COMPILED:
             row["compile_s"] = m["first_call_s"]
         if method.startswith("FlashBias"):
-            row["ranks"] = flash_ranks(import_dropin(), mut.model)
+            row["ranks"] = flash_ranks(flash_bias_runtime, mut.model)
         if method == OFFICIAL or ref is not None:   # no reference when the official math failed
             reference = logits if method == OFFICIAL else ref["logits"]
             row["rel_l2"], row["top1"] = rel_l2(logits, reference), top1(logits, reference)

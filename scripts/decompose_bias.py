@@ -1,4 +1,4 @@
-"""Low-rank (SVD) factors of every SwinV2 attention layer's bias, for the FlashBias drop-in.
+"""Low-rank (SVD) factors of every attention layer's bias of a SwinV2 or Swin V1 model, for the FlashBias drop-ins.
 
     python scripts/decompose_bias.py                      # reads ./swin_v2_bias_save (save_bias.py's output)
     python scripts/decompose_bias.py --bias-dir ./swin_v2_bias_save [--max-logit-error 0.05] [--out ./decomposed_bias]
@@ -27,7 +27,12 @@ nothing (an existing one is kept as <out>.previous):
   spectra.png        per layer: singular values and logit error against the rank; one bias beside its
                      approximation and the error
   swin_v2_{TAG}_q_bias_{i}.npy / _k_bias_{i}.npy   with --published-format TAG: the published FlashBias
-                     code's file naming
+                     code's file naming (SwinV2 only)
+
+The model comes from the config's MODEL.TYPE (scripts/swin_config.py): a SwinV2 bias is
+16 * sigmoid(cpb_mlp(relative_coords_table))[relative_position_index], a Swin V1 bias
+relative_position_bias_table[relative_position_index]. The factor file records which (its bias_weights), so
+a model of the other family refuses it.
 """
 import argparse
 import os
@@ -38,9 +43,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from swin_config import (UserError, add_model_args, check_model_args, cpu_threads, import_dropin, model_from_args,
-                         names_a_model, pyplot, replaced_folder, run_main)
+from swin_config import (UserError, add_model_args, check_model_args, cpu_threads, model_from_args, names_a_model,
+                         pyplot, replaced_folder, run_main)
 import flash_bias_factors as fbf  # noqa: E402  (swin_config puts the repository root on sys.path)
+import flash_bias_runtime as runtime  # noqa: E402
 import save_bias  # noqa: E402
 
 DEFAULT_MAX_LOGIT_ERROR = 0.05
@@ -65,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default $FLASHBIAS_FACTORS_DIR or ./decomposed_bias)")
     p.add_argument("--published-format", nargs="?", const="B", default=None, metavar="TAG",
                    help="also write the published FlashBias code's files swin_v2_{TAG}_q_bias_{i}.npy / "
-                        "_k_bias_{i}.npy (TAG default B)")
+                        "_k_bias_{i}.npy (TAG default B; SwinV2 models only)")
     # the old name of --published-format, kept working for existing command lines
     p.add_argument("--seed-format", nargs="?", const="B", default=None, metavar="TAG", help=argparse.SUPPRESS)
     p.add_argument("--no-figure", action="store_true", help=f"skip {FIGURE}")
@@ -100,27 +106,33 @@ def rule_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
-def biases_from_model(dropin, model) -> List[Tuple[dict, torch.Tensor]]:
-    """[(layer entry, bias (H, N, N) float32)] straight from a model's cpb MLPs."""
+def biases_from_model(model) -> List[Tuple[dict, torch.Tensor]]:
+    """[(layer entry, bias (H, N, N) float32)] straight from a model's weights (each layer's derive_bias)."""
     layers = []
     with torch.no_grad():
-        for index, (name, attn) in enumerate(dropin.window_attention_layers(model)):
+        for index, (name, attn) in enumerate(runtime.window_attention_layers(model)):
             bias = attn.derive_bias().detach().float().cpu()
             layers.append(({"index": index, "name": name, "heads": bias.shape[0], "N": bias.shape[1],
-                            "checksum": dropin.cpb_checksum(attn)}, bias))
+                            "checksum": runtime.bias_checksum(attn), "bias_weights": list(attn.bias_weights())},
+                           bias))
     return layers
 
 
-def check_against_model(dropin, model, layers, bias_dir: str) -> None:
-    """Refuse a bias folder saved from another checkpoint or model (names and cpb checksums)."""
-    model_layers = dropin.window_attention_layers(model)
+def bias_weights_of(entry: dict) -> Tuple[str, ...]:
+    """What a layer entry's bias is derived from; manifests of an older save_bias.py (SwinV2 only) lack it."""
+    return tuple(entry.get("bias_weights") or fbf.BIAS_WEIGHTS["SwinV2"])
+
+
+def check_against_model(model, layers, bias_dir: str) -> None:
+    """Refuse a bias folder saved from another checkpoint or model (names and checksums of the bias weights)."""
+    model_layers = runtime.window_attention_layers(model)
     if len(model_layers) != len(layers):
         raise UserError(f"{bias_dir} holds {len(layers)} layers, the model has {len(model_layers)}: it was saved "
                         f"from another model")
     for (entry, _), (name, attn) in zip(layers, model_layers):
-        if entry["name"] != name or entry.get("checksum") != dropin.cpb_checksum(attn):
+        if entry["name"] != name or entry.get("checksum") != runtime.bias_checksum(attn):
             raise UserError(f"layer {entry['index']} ({name}): the bias in {bias_dir} was saved from another "
-                            f"checkpoint (cpb weights checksum differs)")
+                            f"checkpoint (checksum of {', '.join(attn.bias_weights())} differs)")
 
 
 def input_bias_dir(args: argparse.Namespace) -> Optional[str]:
@@ -144,15 +156,15 @@ def read_inputs(args: argparse.Namespace) -> Tuple[str, List[Tuple[dict, torch.T
     bias_dir = input_bias_dir(args)
     if bias_dir is not None and os.path.abspath(bias_dir) == os.path.abspath(args.out):
         raise UserError(f"--out {args.out} is the input folder; give another output folder")
-    dropin, model = import_dropin(), None
+    model = None
     if names_a_model(args):
         cfg, model = model_from_args(args)
     if bias_dir is None:
         weights = f"checkpoint {args.resume}" if args.resume else f"trained-like weights (seed {args.seed})"
-        return f"config {cfg.SOURCE}, {weights}", biases_from_model(dropin, model)
+        return f"config {cfg.SOURCE}, {weights}", biases_from_model(model)
     manifest, layers = save_bias.read_bias_dir(bias_dir)
     if model is not None:
-        check_against_model(dropin, model, layers, bias_dir)
+        check_against_model(model, layers, bias_dir)
     print(f"read {len(layers)} layers from {bias_dir}", flush=True)
     return f"bias folder {bias_dir} ({save_bias.describe_manifest(manifest)})", layers
 
@@ -197,13 +209,14 @@ def progress_line(r: dict, count: int, center: bool) -> str:
 
 
 def decompose_all(layers, rule: str, center: bool, compare: bool) -> List[dict]:
-    """One result per layer (:func:`decompose_layer` plus index, name, heads, N, checksum), printing
-    progress."""
+    """One result per layer (:func:`decompose_layer` plus index, name, heads, N, checksum, bias_weights),
+    printing progress."""
     kwargs, results, start = fbf.parse_rank_rule(rule), [], time.time()
     for entry, bias in layers:
         H, N, _ = bias.shape
         r = decompose_layer(bias, kwargs, center, compare=compare)
-        r.update(index=entry["index"], name=entry["name"], checksum=entry["checksum"], heads=H, N=N)
+        r.update(index=entry["index"], name=entry["name"], checksum=entry["checksum"],
+                 bias_weights=bias_weights_of(entry), heads=H, N=N)
         results.append(r)
         print(progress_line(r, len(layers), center) + f" ({time.time() - start:.1f} s)", flush=True)
     return results
@@ -478,7 +491,8 @@ def write_outputs(folder: str, args: argparse.Namespace, layers, results: List[d
                   warnings: List[str]) -> List[str]:
     """Everything into ``folder``; the names of what was written."""
     center = not args.no_center
-    records = [fbf.LayerFactors(r["index"], r["name"], r["checksum"], r["q_bias"], r["k_bias"]) for r in results]
+    records = [fbf.LayerFactors(r["index"], r["name"], r["checksum"], r["q_bias"], r["k_bias"],
+                                bias_weights=r["bias_weights"]) for r in results]
     meta = {"rule": args.rule, "centered": center, "source": source,
             "ranks": [r["info"]["rank"] for r in results],
             "max_logit_error": [r["info"]["max_logit_error"] if r["info"]["rank"] else None for r in results],
@@ -504,6 +518,10 @@ def write_outputs(folder: str, args: argparse.Namespace, layers, results: List[d
 def main(argv=None) -> int:
     args = parse_args(argv)
     source, layers = read_inputs(args)
+    other = {bias_weights_of(entry) for entry, _ in layers} - {fbf.BIAS_WEIGHTS["SwinV2"]}
+    if args.published_format and other:
+        raise UserError(f"--published-format: the published FlashBias code's naming (swin_v2_*) holds SwinV2 "
+                        f"factors; this model's bias is a {fbf.describe_bias_weights(other.pop())}")
     # many small SVDs: more threads only spin against each other on a busy machine
     with replaced_folder(args.out, fbf.FACTORS_FILE, describe_factor_dir) as folder, cpu_threads(1):
         results = decompose_all(layers, args.rule, not args.no_center, compare=not args.no_compare)

@@ -26,9 +26,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from swin_config import (UserError, add_model_args, import_dropin, model_from_args, rank_rule_option, rel_l2,
-                         run_main, smooth_images)
+from swin_config import (UserError, add_model_args, model_from_args, rank_rule_option, rel_l2, run_main,
+                         smooth_images)
 import flash_bias_factors as fbf  # noqa: E402  (swin_config puts the repository root on sys.path)
+import flash_bias_runtime as runtime  # noqa: E402
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -110,9 +111,9 @@ def load_image(path: str, img_size: int, crop: bool) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------------
-def low_rank_summary(dropin, model) -> str:
+def low_rank_summary(model) -> str:
     """Which layers run on low-rank factors (flash_bias_summary): count, ranks, worst logit error."""
-    layers = dropin.flash_bias_summary(model)
+    layers = runtime.flash_bias_summary(model)
     low = [s for s in layers if s["mode"] == "low-rank"]
     if not low:
         return f"  no layer low-rank: all {len(layers)} keep the exact bias (no rank up to {fbf.MAX_RANK} met the rule)"
@@ -124,27 +125,27 @@ def low_rank_summary(dropin, model) -> str:
     return f"  low-rank factors in {len(low)} of {len(layers)} layers, ranks {min(ranks)}-{max(ranks)}{worst}{rest}"
 
 
-def factor_file_model(dropin, model, path: str):
+def factor_file_model(model, path: str):
     """A copy of ``model`` running the factors at ``path``, checked before anything runs (the copy
     keeps the other rows on their own settings)."""
     copied = copy.deepcopy(model)
     copied.set_flash_bias(rank_rule="exact", factors_path=path, fused=True)
     try:
-        summary = low_rank_summary(dropin, copied)
+        summary = low_rank_summary(copied)
     except (ValueError, OSError) as e:   # FactorFileError is a ValueError naming the file and the layer
         raise UserError(f"--factors {path}: {e}") from None
     print(f"factors from {path}:\n{summary}", flush=True)
     return copied
 
 
-def plan_modes(args, dropin, model) -> List[Tuple[str, torch.nn.Module, Optional[dict]]]:
+def plan_modes(args, model) -> List[Tuple[str, torch.nn.Module, Optional[dict]]]:
     """[(label, model, set_flash_bias arguments or None for a model already set)] in the order they run."""
     modes = [("official math (fused_attn off)", model, {"factors_path": False, "fused": False}),
              ("FlashBias, exact bias", model, {"rank_rule": "exact", "factors_path": False, "fused": True})]
     modes += [(f"FlashBias, low-rank {rule}", model, {"rank_rule": rule, "factors_path": False, "fused": True})
               for rule in args.rank_rule]
     if args.factors:
-        modes.append(("FlashBias, low-rank factor file", factor_file_model(dropin, model, args.factors), None))
+        modes.append(("FlashBias, low-rank factor file", factor_file_model(model, args.factors), None))
     return modes
 
 
@@ -236,10 +237,9 @@ def main(argv=None) -> int:
     iters = args.iters or (10 if on_gpu else 5)
     for rule in args.rank_rule:
         rank_rule_option("--rank-rule", rule)
-    dropin = import_dropin()
     cfg, model = model_from_args(args, default_embedded="swinv2_b_384" if on_gpu else "small")
     model = model.to(device)
-    modes = plan_modes(args, dropin, model)
+    modes = plan_modes(args, model)
     batches, labels = input_batches(args, cfg, batch)
     if on_gpu:
         batches = [b.pin_memory() for b in batches]
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
         logits, ms, peak = run_mode(runner, batches, device, on_gpu, timer, iters, 3 if on_gpu else 2, label)
         reference = logits if reference is None else reference
         if "low-rank" in label:
-            print(low_rank_summary(dropin, runner), flush=True)
+            print(low_rank_summary(runner), flush=True)
         rel = rel_l2(logits, reference)
         agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
         acc = (logits.argmax(-1) == labels).float().mean().item() if labels is not None else None

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 # the drop-in: these files of this repository's root go into the checkout's models/
-DROPIN_FILES=(swin_transformer_v2.py swin_transformer.py flash_bias_triton.py flash_bias_factors.py)
+DROPIN_FILES=(swin_transformer_v2.py swin_transformer.py flash_bias_triton.py flash_bias_runtime.py flash_bias_factors.py)
 # the drop-ins that replace an official model file (kept once as NAME.orig)
 OFFICIAL_FILES=" swin_transformer_v2.py swin_transformer.py "
 
@@ -13,8 +13,8 @@ usage() {
 usage: scripts/install.sh [--fix-official [--undo]] PATH_TO_SWIN_TRANSFORMER_CHECKOUT
 
 Default mode: install the FlashBias drop-in.
-  Copies swin_transformer_v2.py (SwinV2), swin_transformer.py (Swin V1), flash_bias_triton.py and
-  flash_bias_factors.py into the checkout's models/, after checking that PATH is a checkout
+  Copies swin_transformer_v2.py (SwinV2), swin_transformer.py (Swin V1), flash_bias_triton.py,
+  flash_bias_runtime.py and flash_bias_factors.py into the checkout's models/, after checking that PATH is a checkout
   (models/swin_transformer_v2.py, main.py, config.py). Never loses a file:
   - the official models/swin_transformer_v2.py and models/swin_transformer.py are kept once as
     NAME.orig (a later install never overwrites that backup);

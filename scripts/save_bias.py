@@ -1,13 +1,17 @@
-"""Save every SwinV2 attention layer's relative-position bias, for decompose_bias.py.
+"""Save every attention layer's relative-position bias of a SwinV2 or Swin V1 model, for decompose_bias.py.
 
     python scripts/save_bias.py --cfg configs/swinv2/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml \\
         --resume swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth [--out ./swin_v2_bias_save]
+    python scripts/save_bias.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml --resume swin_tiny.pth
 
-SwinV2 computes its bias with a small MLP from the relative coordinates, so it depends only on the
-weights: no images and no GPU are needed. Writes into the output folder, per attention layer i in
-construction order, ``swin_v2_bias_{i}.npy`` (H, N, N) float32 = 16 * sigmoid(cpb_mlp(table))[index],
-and ``manifest.json``: the config, the checkpoint, and per layer its index, qualified name, heads,
-window, N, the sha256 of its cpb weights (``checksum``), its file name and the file's sha256.
+The config's MODEL.TYPE says which model it is (swinv2, or swin for V1). The bias depends only on the
+weights (SwinV2: a small MLP of the relative coordinates; V1: a learned table), so no images and no GPU
+are needed. Writes into the output folder, per attention layer i in construction order,
+``swin_v2_bias_{i}.npy`` (H, N, N) float32 (the name is the same for V1) = the layer's derive_bias():
+16 * sigmoid(cpb_mlp(relative_coords_table))[index] for SwinV2, relative_position_bias_table[index] for
+V1; and ``manifest.json``: the config, its MODEL.TYPE, the checkpoint, and per layer its index, qualified
+name, heads, window, N, the names of the weights its bias is derived from (``bias_weights``) and their
+sha256 (``checksum``), its file name and the file's sha256.
 
 The folder is written whole or not at all: into a temporary folder beside it, renamed into place at
 the end. An existing output folder is kept as ``<out>.previous`` (replacing an older one), so an
@@ -23,7 +27,8 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from swin_config import UserError, add_model_args, import_dropin, model_from_args, replaced_folder, run_main
+from swin_config import UserError, add_model_args, model_from_args, replaced_folder, run_main
+import flash_bias_runtime as runtime  # noqa: E402  (swin_config puts the repository root on sys.path)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "flashbias-swinv2-bias-v2"
@@ -68,14 +73,14 @@ def describe_bias_dir(folder: str) -> str:
         return f"a {MANIFEST} that cannot be read"
 
 
-def save_layer(folder: str, index: int, name: str, attn, dropin) -> dict:
+def save_layer(folder: str, index: int, name: str, attn) -> dict:
     """Write one layer's bias into ``folder``; its manifest entry."""
     bias = attn.derive_bias().detach().float().cpu()              # (H, N, N)
     heads, n, _ = bias.shape
     file_name = bias_file_name(index)
     np.save(os.path.join(folder, file_name), bias.numpy())
     return {"index": index, "name": name, "heads": heads, "window": [int(w) for w in attn.window_size], "N": n,
-            "checksum": dropin.cpb_checksum(attn), "file": file_name,
+            "bias_weights": list(attn.bias_weights()), "checksum": runtime.bias_checksum(attn), "file": file_name,
             "sha256": file_sha256(os.path.join(folder, file_name)), "shape": [heads, n, n], "dtype": "float32",
             "range": [bias.min().item(), bias.max().item()]}
 
@@ -83,18 +88,18 @@ def save_layer(folder: str, index: int, name: str, attn, dropin) -> dict:
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dropin = import_dropin()
     cfg, model = model_from_args(args)
-    layers = dropin.window_attention_layers(model)
+    layers = runtime.window_attention_layers(model)
     start = time.time()
     with replaced_folder(args.out, MANIFEST, describe_bias_dir) as folder:
         entries = []
         for index, (name, attn) in enumerate(layers):
-            entry = save_layer(folder, index, name, attn, dropin)
+            entry = save_layer(folder, index, name, attn)
             entries.append(entry)
             print(f"[{index + 1}/{len(layers)}] {name}: bias {'x'.join(map(str, entry['shape']))} (range "
                   f"{entry['range'][0]:.2f}..{entry['range'][1]:.2f}) -> {entry['file']}", flush=True)
-        manifest = {"format": MANIFEST_FORMAT, "config": cfg.SOURCE, "model_name": cfg.MODEL.NAME,
+        manifest = {"format": MANIFEST_FORMAT, "config": cfg.SOURCE, "model_type": cfg.MODEL.TYPE,
+                    "model_name": cfg.MODEL.NAME,
                     "checkpoint": os.path.abspath(args.resume) if args.resume else None,
                     "seed": None if args.resume else args.seed, "num_layers": len(entries), "layers": entries}
         with open(os.path.join(folder, MANIFEST), "w") as f:

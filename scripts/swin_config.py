@@ -1,15 +1,18 @@
-"""The one home of what the scripts, benchmarks and tests share about building a SwinV2.
+"""The one home of what the scripts, benchmarks and tests share about building a Swin model (SwinV2 or V1).
 
-* Configs: :func:`load_config` reads an official ``configs/swinv2/*.yaml`` (yacs, ``BASE: [...]`` /
-  ``_BASE_`` files resolved relative to the yaml file) or a registered config (:data:`MODEL_CONFIGS`:
-  the names users know, the benchmarks' and the tests'), then ``--opts KEY VALUE ...`` overrides as
-  the official main.py does.
+* Configs: :func:`load_config` reads an official ``configs/swinv2/*.yaml`` or ``configs/swin/*.yaml``
+  (yacs, ``BASE: [...]`` / ``_BASE_`` files resolved relative to the yaml file) or a registered config
+  (:data:`MODEL_CONFIGS`: the names users know, the benchmarks' and the tests'), then ``--opts KEY VALUE
+  ...`` overrides as the official main.py does. ``MODEL.TYPE`` says which model it is: ``swinv2`` or
+  ``swin`` (V1), as in the official code (:func:`model_type`); :data:`SWIN_V1_CONFIGS` is the V1
+  registered configs' constructor arguments.
 * The command line: :func:`add_model_args` declares ``--cfg/--resume/--embedded/--seed/--opts``,
   :func:`model_from_args` checks them and builds the model; :func:`rank_rule_option` checks a rank
   rule given with an option.
 * Models: :func:`model_kwargs` (the official ``models/build.py`` arguments), :func:`build_model` (the
-  drop-in ``swin_transformer_v2.SwinTransformerV2`` at this repository's root), :func:`build_timm_model`
-  (timm's independent SwinV2 with the same weights), :func:`load_checkpoint`.
+  drop-in of the config's type at this repository's root: ``swin_transformer_v2.SwinTransformerV2`` or
+  ``swin_transformer.SwinTransformer``), :func:`build_timm_model` (timm's independent SwinV2 with the same
+  weights), :func:`load_checkpoint`.
 * Trained-like weights: :func:`trained_like_` gives a randomly initialised model the weight statistics
   of a trained one (SwinV2 zero-initialises the post-norm scales, which would hide attention entirely);
   :func:`trained_like_bias` is one such layer's relative-position bias.
@@ -20,6 +23,7 @@ User errors raise :class:`UserError`; scripts print its message and exit with st
 """
 import argparse
 import contextlib
+import importlib
 import math
 import os
 import shutil
@@ -61,15 +65,15 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
 # Configs
 # ----------------------------------------------------------------------------------------------
 def default_config() -> CfgNode:
-    """The official defaults of the keys that building a SwinV2 (and evaluating it) reads. Other keys
-    of a yaml file (TRAIN, AUG, ...) are accepted and ignored."""
+    """The official defaults of the keys that building a SwinV2 or a Swin V1 (and evaluating it) reads.
+    Other keys of a yaml file (TRAIN, AUG, ...) are accepted and ignored."""
     cfg = CfgNode()
     cfg.DATA = CfgNode()
     cfg.DATA.IMG_SIZE = 224
     cfg.DATA.DATASET = "imagenet"
     cfg.MODEL = CfgNode()
-    cfg.MODEL.TYPE = "swinv2"
-    cfg.MODEL.NAME = "swinv2"
+    cfg.MODEL.TYPE = "swin"
+    cfg.MODEL.NAME = "swin_tiny_patch4_window7_224"
     cfg.MODEL.NUM_CLASSES = 1000
     cfg.MODEL.DROP_RATE = 0.0
     cfg.MODEL.DROP_PATH_RATE = 0.1
@@ -85,6 +89,18 @@ def default_config() -> CfgNode:
     s.APE = False
     s.PATCH_NORM = True
     s.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+    v1 = cfg.MODEL.SWIN = CfgNode()
+    v1.PATCH_SIZE = 4
+    v1.IN_CHANS = 3
+    v1.EMBED_DIM = 96
+    v1.DEPTHS = [2, 2, 6, 2]
+    v1.NUM_HEADS = [3, 6, 12, 24]
+    v1.WINDOW_SIZE = 7
+    v1.MLP_RATIO = 4.0
+    v1.QKV_BIAS = True
+    v1.QK_SCALE = None
+    v1.APE = False
+    v1.PATCH_NORM = True
     cfg.TEST = CfgNode()
     cfg.TEST.CROP = True
     cfg.set_new_allowed(True)
@@ -93,17 +109,25 @@ def default_config() -> CfgNode:
 
 @dataclass(frozen=True)
 class RegisteredConfig:
-    """A named SwinV2 config: a short display ``title`` and ``overrides`` of :func:`default_config`, in
-    the yaml files' layout."""
+    """A named config: a short display ``title`` and ``overrides`` of :func:`default_config`, in the yaml
+    files' layout (``MODEL.TYPE`` says which model)."""
     title: str
     overrides: dict
 
 
 def _swinv2(img: int, embed: int, depths, heads, window: int, name: str, pretrained=None,
             classes: Optional[int] = None) -> dict:
-    model = {"NAME": name, "SWINV2": {"EMBED_DIM": embed, "DEPTHS": list(depths), "NUM_HEADS": list(heads),
-                                      "WINDOW_SIZE": window,
-                                      "PRETRAINED_WINDOW_SIZES": list(pretrained or [0] * len(depths))}}
+    model = {"TYPE": "swinv2", "NAME": name,
+             "SWINV2": {"EMBED_DIM": embed, "DEPTHS": list(depths), "NUM_HEADS": list(heads), "WINDOW_SIZE": window,
+                        "PRETRAINED_WINDOW_SIZES": list(pretrained or [0] * len(depths))}}
+    if classes is not None:
+        model["NUM_CLASSES"] = classes
+    return {"DATA": {"IMG_SIZE": img}, "MODEL": model}
+
+
+def _swin(img: int, embed: int, depths, heads, window: int, name: str, classes: Optional[int] = None) -> dict:
+    model = {"TYPE": "swin", "NAME": name,
+             "SWIN": {"EMBED_DIM": embed, "DEPTHS": list(depths), "NUM_HEADS": list(heads), "WINDOW_SIZE": window}}
     if classes is not None:
         model["NUM_CLASSES"] = classes
     return {"DATA": {"IMG_SIZE": img}, "MODEL": model}
@@ -135,28 +159,34 @@ MODEL_CONFIGS: Dict[str, RegisteredConfig] = {
     # tests of slow paths (Triton interpreter, DDP): the smallest model with a shifted and a clipped window
     "test_mini": RegisteredConfig("test-mini-32 w4", _swinv2(32, 16, [2, 2], [2, 2], 4, "swinv2_test_mini",
                                                              classes=5)),
+    # Swin V1 (MODEL.TYPE: swin): configs/swin/swin_tiny_patch4_window7_224.yaml and
+    # swin_base_patch4_window12_384_finetune.yaml
+    "swin_t_224": RegisteredConfig("Swin-T/224 w7", _swin(224, 96, [2, 2, 6, 2], [3, 6, 12, 24], 7,
+                                                           "swin_tiny_patch4_window7_224")),
+    "swin_b_384": RegisteredConfig("Swin-B/384 w12", _swin(384, 128, [2, 2, 18, 2], [4, 8, 16, 32], 12,
+                                                            "swin_base_patch4_window12_384_finetune")),
+    # V1 tests: maps 28, 14, 7, so shifted 7x7 windows in stages 0-1 and one unshifted window in stage 2; head dim 32
+    "test_v1_tiny": RegisteredConfig("test-v1-tiny-112 w7", _swin(112, 32, [2, 2, 2], [1, 2, 4], 7,
+                                                                  "swin_test_v1_tiny", classes=10)),
+    # V1 slow paths (the Triton interpreter): maps 8, 4: a shifted 4x4 window, then one window clipped to the map
+    "test_v1_mini": RegisteredConfig("test-v1-mini-32 w4", _swin(32, 32, [2, 2], [1, 2], 4, "swin_test_v1_mini",
+                                                                 classes=5)),
 }
 # other names of registered configs
 CONFIG_ALIASES = {"b384": "swinv2_b_384"}
 IMAGENET22K_CLASSES = 21841
 
-# Swin V1 (MODEL.TYPE: swin): constructor kwargs of swin_transformer.SwinTransformer (the V1 drop-in). Not in
-# MODEL_CONFIGS: load_config, model_kwargs and build_model read MODEL.SWINV2 and build a SwinV2.
-SWIN_V1_CONFIGS: Dict[str, dict] = {
-    # configs/swin/swin_tiny_patch4_window7_224.yaml and swin_base_patch4_window12_384_finetune.yaml
-    "swin_t_224": dict(img_size=224, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
-    "swin_b_384": dict(img_size=384, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12),
-    # tests: maps 28, 14, 7, so shifted 7x7 windows in stages 0-1 and one unshifted window in stage 2; head dim 32
-    "test_v1_tiny": dict(img_size=112, embed_dim=32, depths=[2, 2, 2], num_heads=[1, 2, 4], window_size=7,
-                         num_classes=10),
-    # slow paths (the Triton interpreter): maps 8, 4: a shifted 4x4 window, then one window clipped to the map
-    "test_v1_mini": dict(img_size=32, embed_dim=32, depths=[2, 2], num_heads=[1, 2], window_size=4, num_classes=5),
-}
+# The drop-in of each MODEL.TYPE: (module at the repository root, model class), as the official models/build.py
+DROPINS = {"swinv2": ("swin_transformer_v2", "SwinTransformerV2"), "swin": ("swin_transformer", "SwinTransformer")}
 
 
-def config_names() -> List[str]:
-    """Every name :func:`load_config` accepts as ``embedded``: registered configs, then aliases."""
-    return list(MODEL_CONFIGS) + list(CONFIG_ALIASES)
+def config_names(model_type: Optional[str] = None) -> List[str]:
+    """Every name :func:`load_config` accepts as ``embedded`` (of one MODEL.TYPE, if given): registered
+    configs, then aliases."""
+    names = list(MODEL_CONFIGS) + list(CONFIG_ALIASES)
+    if model_type is None:
+        return names
+    return [n for n in names if registered_config(n).overrides["MODEL"]["TYPE"] == model_type]
 
 
 def registered_config(name: str) -> RegisteredConfig:
@@ -224,10 +254,21 @@ def apply_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
             raise UserError(f"--opts {key} {value}: {e}") from None
 
 
+def model_type(cfg: CfgNode) -> str:
+    """``"swinv2"`` or ``"swin"`` (V1): the config's MODEL.TYPE, as the official models/build.py reads it."""
+    return str(cfg.MODEL.TYPE)
+
+
 def _check_config(cfg: CfgNode, source: str) -> None:
-    if str(cfg.MODEL.TYPE).lower() != "swinv2":
+    if model_type(cfg) not in DROPINS:
         raise UserError(f"config {source} describes MODEL.TYPE={cfg.MODEL.TYPE!r}; these scripts handle "
-                        f"SwinV2 (MODEL.TYPE: swinv2)")
+                        f"SwinV2 (MODEL.TYPE: swinv2) and Swin V1 (MODEL.TYPE: swin)")
+    if model_type(cfg) == "swin":
+        s = cfg.MODEL.SWIN
+        if len(s.DEPTHS) != len(s.NUM_HEADS):
+            raise UserError(f"config {source}: MODEL.SWIN.DEPTHS and NUM_HEADS need one entry per stage; got "
+                            f"{list(s.DEPTHS)}, {list(s.NUM_HEADS)}")
+        return
     s = cfg.MODEL.SWINV2
     if not (len(s.DEPTHS) == len(s.NUM_HEADS) == len(s.PRETRAINED_WINDOW_SIZES)):
         raise UserError(f"config {source}: DEPTHS, NUM_HEADS and PRETRAINED_WINDOW_SIZES need one entry "
@@ -240,7 +281,7 @@ def load_config(cfg_path: Optional[str] = None, embedded: Optional[str] = None,
     :data:`MODEL_CONFIGS`), then ``opts`` (``KEY VALUE ...``). ``cfg.SOURCE`` says where it came from.
 
     Raises :class:`UserError` for a missing/invalid file, an unknown name or key, a value of the wrong
-    type, or a model type other than swinv2."""
+    type, or a model type other than swinv2 and swin."""
     if (cfg_path is None) == (embedded is None):
         raise UserError("give a config file (--cfg) or a registered config name (--embedded), one of them")
     cfg = default_config()
@@ -266,11 +307,12 @@ def load_config(cfg_path: Optional[str] = None, embedded: Optional[str] = None,
 
 
 def describe_config(cfg: CfgNode) -> str:
-    """One line: name, image size, embed dim, depths, heads, window."""
-    s = cfg.MODEL.SWINV2
-    return (f"{cfg.MODEL.NAME} ({cfg.SOURCE}): img {cfg.DATA.IMG_SIZE}, embed {s.EMBED_DIM}, depths "
-            f"{list(s.DEPTHS)}, heads {list(s.NUM_HEADS)}, window {s.WINDOW_SIZE}, pretrained windows "
-            f"{list(s.PRETRAINED_WINDOW_SIZES)}")
+    """One line: name, model, image size, embed dim, depths, heads, window."""
+    s = cfg.MODEL.SWIN if model_type(cfg) == "swin" else cfg.MODEL.SWINV2
+    text = (f"{cfg.MODEL.NAME} ({cfg.SOURCE}): {'Swin V1' if model_type(cfg) == 'swin' else 'SwinV2'}, img "
+            f"{cfg.DATA.IMG_SIZE}, embed {s.EMBED_DIM}, depths {list(s.DEPTHS)}, heads {list(s.NUM_HEADS)}, window "
+            f"{s.WINDOW_SIZE}")
+    return text if model_type(cfg) == "swin" else f"{text}, pretrained windows {list(s.PRETRAINED_WINDOW_SIZES)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +323,8 @@ def add_model_args(parser: argparse.ArgumentParser, embedded_default: Optional[s
     """Declare ``--cfg/--resume/--embedded/--seed/--opts`` (checked by :func:`model_from_args`).
     ``embedded_default`` only documents what the script uses when no model is named."""
     g = parser.add_argument_group("model: --cfg with --resume, or --embedded NAME")
-    g.add_argument("--cfg", metavar="CONFIG.yaml", help="official SwinV2 yaml config (configs/swinv2/...)")
+    g.add_argument("--cfg", metavar="CONFIG.yaml",
+                   help="official yaml config: SwinV2 (configs/swinv2/...) or Swin V1 (configs/swin/...)")
     g.add_argument("--resume", metavar="CHECKPOINT.pth", help="checkpoint of that model")
     g.add_argument("--embedded", metavar="NAME",
                    help=f"instead of --cfg: a registered config ({', '.join(config_names())}); without "
@@ -334,28 +377,38 @@ def model_from_args(args: argparse.Namespace, default_embedded: Optional[str] = 
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-def import_dropin():
-    """The drop-in module ``swin_transformer_v2`` at this repository's root."""
+def import_dropin(model_type: str = "swinv2"):
+    """The drop-in module of a MODEL.TYPE at this repository's root: ``swin_transformer_v2`` (swinv2) or
+    ``swin_transformer`` (swin)."""
+    module = DROPINS[model_type][0]
     try:
-        import swin_transformer_v2
+        return importlib.import_module(module)
     except ImportError as e:
-        raise UserError(f"cannot import the drop-in swin_transformer_v2.py from {REPO_ROOT}: {e}") from None
-    return swin_transformer_v2
+        raise UserError(f"cannot import the drop-in {module}.py from {REPO_ROOT}: {e}") from None
 
 
 def model_kwargs(cfg: CfgNode) -> dict:
-    """The SwinTransformerV2 constructor arguments the official models/build.py passes for ``cfg``."""
-    s = cfg.MODEL.SWINV2
-    return dict(img_size=cfg.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
-                num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=s.EMBED_DIM, depths=list(s.DEPTHS),
-                num_heads=list(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
-                qkv_bias=s.QKV_BIAS, drop_rate=cfg.MODEL.DROP_RATE, drop_path_rate=cfg.MODEL.DROP_PATH_RATE,
-                ape=s.APE, patch_norm=s.PATCH_NORM, pretrained_window_sizes=list(s.PRETRAINED_WINDOW_SIZES))
+    """The constructor arguments the official models/build.py passes for ``cfg`` (SwinTransformerV2's, or
+    SwinTransformer's for MODEL.TYPE swin; the official fused_window_process, a command-line switch, is left out)."""
+    common = dict(img_size=cfg.DATA.IMG_SIZE, num_classes=cfg.MODEL.NUM_CLASSES, drop_rate=cfg.MODEL.DROP_RATE,
+                  drop_path_rate=cfg.MODEL.DROP_PATH_RATE)
+    s = cfg.MODEL.SWIN if model_type(cfg) == "swin" else cfg.MODEL.SWINV2
+    kw = dict(common, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS, embed_dim=s.EMBED_DIM, depths=list(s.DEPTHS),
+              num_heads=list(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO, qkv_bias=s.QKV_BIAS,
+              ape=s.APE, patch_norm=s.PATCH_NORM)
+    if model_type(cfg) == "swin":
+        return dict(kw, qk_scale=s.QK_SCALE)
+    return dict(kw, pretrained_window_sizes=list(s.PRETRAINED_WINDOW_SIZES))
 
 
 def build_model(cfg: CfgNode) -> torch.nn.Module:
-    """The drop-in SwinTransformerV2 of ``cfg`` (freshly initialised, train mode)."""
-    return import_dropin().SwinTransformerV2(**model_kwargs(cfg))
+    """The drop-in model of ``cfg``'s MODEL.TYPE (freshly initialised, train mode)."""
+    model_class = DROPINS[model_type(cfg)][1]
+    return getattr(import_dropin(model_type(cfg)), model_class)(**model_kwargs(cfg))
+
+
+# Swin V1's registered configs (MODEL.TYPE: swin) as swin_transformer.SwinTransformer constructor arguments
+SWIN_V1_CONFIGS: Dict[str, dict] = {name: model_kwargs(load_config(embedded=name)) for name in config_names("swin")}
 
 
 # Buffers the official model rebuilds from the config; a checkpoint may lack them or shape them differently

@@ -438,10 +438,10 @@ def test_project_qkv_copies_no_weight(device):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    import swin_transformer_v2 as swin
+    import flash_bias_runtime as runtime
     fake = FakeCapture()
     monkeypatch.setattr(fa._GraphedForward, "device_types", ("cpu",))
-    monkeypatch.setattr(fa, "_forward_graphs", lambda: swin.ForwardGraphs(capture=fake))
+    monkeypatch.setattr(fa, "_forward_graphs", lambda: runtime.ForwardGraphs(capture=fake))
     return fake
 
 

@@ -145,3 +145,41 @@ def test_profiler_time_attribute_names():
     assert bench._evt_time(Deprecated(), "cuda") == 3.0
     assert bench._evt_time(New(), "cpu") == 1.0
     assert bench.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+TRAINING_SCRIPT = os.path.join(ROOT, "benchmarks", "bench_training.py")
+CURVES_SCRIPT = os.path.join(ROOT, "benchmarks", "plot_train_curves.py")
+
+
+def test_bench_training_cpu(tmp_path):
+    """One training step of the test config, official and drop-in; the same loss from the same weights."""
+    out = tmp_path / "training.md"
+    stdout, _ = run_benchmark("--out", out, script=TRAINING_SCRIPT)
+    row = json.loads((tmp_path / "training.json").read_text())["rows"][0]
+    assert row["model"] == "test_mini" and row["official_ms"] > 0 and row["dropin_ms"] > 0
+    assert abs(row["loss_official"] - row["loss_dropin"]) < 1e-4 and row["grad_worst_dropin"] < 1e-3
+    assert "| test_mini | 2 |" in out.read_text()
+
+
+def _train_log(path, losses, s_per_step, peak):
+    path.write_text(f"+ main.py ...\ntrain steps {len(losses)}  s/step (after 2 warm-up steps) mean {s_per_step}  "
+                    f"peak mem {peak} MB\nlosses {' '.join(f'{v:.4f}' for v in losses)}\n")
+    return path
+
+
+def test_plot_train_curves(tmp_path):
+    official = _train_log(tmp_path / "official.log", [0.70, 0.69, 0.68, 0.66], 0.2, 9000)
+    close = _train_log(tmp_path / "close.log", [0.7001, 0.6895, 0.6812, 0.66], 0.1, 5000)
+    stdout, _ = run_benchmark(official, close, "--out", tmp_path / "curves", script=CURVES_SCRIPT)
+    assert "largest 0.0012" in stdout and "tolerance 0.02 met" in stdout
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert "| drop-in | 4 | 0.1000 | 5000 |" in (tmp_path / "curves.md").read_text()
+    far = _train_log(tmp_path / "far.log", [0.70, 0.69, 0.75, 0.66], 0.1, 5000)
+    stdout, _ = run_benchmark(official, far, "--out", tmp_path / "far", expect=1, script=CURVES_SCRIPT)
+    assert "NOT met" in stdout
+    _, stderr = run_benchmark(official, tmp_path / "missing.log", "--out", tmp_path / "x", expect=2,
+                              script=CURVES_SCRIPT)
+    assert stderr.startswith("error: cannot read")
+    short = _train_log(tmp_path / "short.log", [0.70], 0.1, 5000)
+    _, stderr = run_benchmark(official, short, "--out", tmp_path / "x", expect=2, script=CURVES_SCRIPT)
+    assert "1 steps" in stderr

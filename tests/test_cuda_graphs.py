@@ -1,17 +1,18 @@
-"""The CUDA-graph cache of the drop-in (swin_transformer_v2.ForwardGraphs) on the CPU, with a fake capture that
+"""The CUDA-graph cache of the drop-ins (flash_bias_runtime.ForwardGraphs) on the CPU, with a fake capture that
 records each capture and replays by running the captured function again: the key, when a key is captured,
 invalidation on new weight storage, the cap on cached shapes, and outputs never aliased between calls. The real
 graphs run in tests/test_model_gpu.py."""
 import pytest
 import torch
 
-from model_utils import MINI, FakeCapture, images, make_model, swin
+import flash_bias_runtime as runtime
+from model_utils import MINI, FakeCapture, images, make_model
 
 
 def make(seed=0):
     model = make_model(MINI, seed=seed)
     fake = FakeCapture()
-    model.flash_bias_settings.graphs = swin.ForwardGraphs(capture=fake)
+    model.flash_bias_settings.graphs = runtime.ForwardGraphs(capture=fake)
     return model, model.flash_bias_settings.graphs, fake
 
 
@@ -73,13 +74,13 @@ def test_new_weight_storage_drops_the_graphs_in_place_updates_do_not():
 def test_at_most_max_graphs():
     model, graphs, fake = make()
     with torch.no_grad():
-        for batch in range(1, swin.ForwardGraphs.MAX_GRAPHS + 3):
+        for batch in range(1, runtime.ForwardGraphs.MAX_GRAPHS + 3):
             x = images(batch, 32)
             graphs.run(model, x)
             graphs.run(model, x)
-    assert fake.captures == swin.ForwardGraphs.MAX_GRAPHS + 2
-    assert len(graphs.entries) == swin.ForwardGraphs.MAX_GRAPHS
-    assert [k[0][0] for k in graphs.entries] == list(range(3, swin.ForwardGraphs.MAX_GRAPHS + 3))
+    assert fake.captures == runtime.ForwardGraphs.MAX_GRAPHS + 2
+    assert len(graphs.entries) == runtime.ForwardGraphs.MAX_GRAPHS
+    assert [k[0][0] for k in graphs.entries] == list(range(3, runtime.ForwardGraphs.MAX_GRAPHS + 3))
 
 
 def test_graph_switch(monkeypatch):

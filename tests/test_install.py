@@ -22,7 +22,7 @@ TIMM_0412 = os.path.join(ROOT, "third_party", "timm-0.4.12")
 # the one list of drop-in files is install.sh's
 DROPIN = tuple(re.search(r"^DROPIN_FILES=\((.*)\)$", open(os.path.join(ROOT, "scripts", "install.sh")).read(),
                          re.M).group(1).split())
-assert DROPIN[0] == "swin_transformer_v2.py" and "flash_bias_factors.py" in DROPIN
+assert DROPIN[0] == "swin_transformer_v2.py" and {"flash_bias_runtime.py", "flash_bias_factors.py"} <= set(DROPIN)
 PATCHED = ("lr_scheduler.py", "utils.py", "utils_simmim.py", "utils_moe.py")
 HELPERS = {"safe_checkpoint.py": os.path.join(SCRIPTS, "safe_checkpoint.py"),
            "flashbias_timm_compat.py": os.path.join(SCRIPTS, "official_fix", "flashbias_timm_compat.py")}
@@ -192,8 +192,8 @@ def test_install_errors(tmp_path):
 
 def test_install_help():
     out, _ = install("--help")
-    for word in ("--fix-official", "--undo", "flash_bias_factors.py", ".orig", ".bak-", ".flashbias-orig",
-                 "safe_checkpoint", "lr_scheduler.py", "PYTHON"):
+    for word in ("--fix-official", "--undo", "flash_bias_runtime.py", "flash_bias_factors.py", ".orig", ".bak-",
+                 ".flashbias-orig", "safe_checkpoint", "lr_scheduler.py", "PYTHON"):
         assert word in out, word
 
 

@@ -162,13 +162,16 @@ def test_fully_masked_row_blocks_and_zero_vectors():
     check(args)
 
 
-def test_gradients_take_the_pytorch_path():
+def test_gradients_of_low_rank_factors_take_the_pytorch_path():
+    """The kernel's backward takes the exact bias or none (tests/test_kernel_backward.py); with low-rank
+    factors a gradient needs the PyTorch path."""
     args = make_case(2, 49, 2, 32, torch.float32, "dense", True, nW=2)
+    args["bias_factors"] = fbf.low_rank_bias_factors(args.pop("bias"), rank=8)[:2]
     qkv = args.pop("qkv").clone().requires_grad_(True)
     out = fb.flash_bias_attention(qkv, **args)          # "auto": differentiable PyTorch path
     out.sum().backward()
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
-    with pytest.raises(RuntimeError, match="no backward"):
+    with pytest.raises(RuntimeError, match="has no backward pass for low-rank bias_factors"):
         fb.flash_bias_attention(qkv, **args, backend="triton")
     with torch.no_grad():
         check(dict(args, qkv=qkv.detach()))
@@ -235,10 +238,11 @@ def test_low_rank_rules():
     assert seed_rule["energy"] >= 0.995
     q, k, info = fbf.low_rank_bias_factors(bias, max_logit_error=1e-9, max_rank=4)
     assert q is None and info["rank"] is None
-    # centring rows never hurts: softmax ignores the row mean the uncentred SVD spends rank on
+    # centring rows is a heuristic (softmax ignores the row constant an uncentred SVD spends rank on), not a
+    # guarantee: at a fixed rank it can lose a little (measured 1.52 against 1.48 logits on this bias at rank 4)
     _, _, raw = fbf.low_rank_bias_factors(bias, rank=4, center_rows=False)
     _, _, centred = fbf.low_rank_bias_factors(bias, rank=4)
-    assert centred["max_logit_error"] <= raw["max_logit_error"] + 1e-9
+    assert centred["max_logit_error"] <= 1.1 * raw["max_logit_error"]
 
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter covers block shapes in test_interpreter_other_blocks")

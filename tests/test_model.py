@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import flash_bias_factors as fbf
+import flash_bias_runtime as runtime
 import model_utils as mu
 from model_utils import B_SHAPED, MINI, ROOT, TINY, images, make_model, make_timm_model, rel_l2, swin
 
@@ -251,15 +252,16 @@ def test_import_as_official_models_package(tmp_path):
     pkg = tmp_path / "models"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("from .swin_transformer_v2 import SwinTransformerV2\n")
-    for f in ("swin_transformer_v2.py", "flash_bias_triton.py", "flash_bias_factors.py"):
+    for f in ("swin_transformer_v2.py", "flash_bias_triton.py", "flash_bias_runtime.py", "flash_bias_factors.py"):
         (pkg / f).write_text(open(os.path.join(ROOT, f)).read())
     script = textwrap.dedent("""
         import sys, torch, timm
         sys.modules["timm.layers"] = None  # as with timm 0.4.12: only timm.models.layers
         import models.swin_transformer_v2 as m
         assert m.flash_bias_attention.__module__ == "models.flash_bias_triton", m.flash_bias_attention.__module__
-        assert m.factor_files.__name__ == "models.flash_bias_factors", m.factor_files.__name__
-        assert "flash_bias_triton" not in sys.modules and "flash_bias_factors" not in sys.modules
+        assert m.LayerBias.__module__ == "models.flash_bias_runtime", m.LayerBias.__module__
+        assert sys.modules["models.flash_bias_runtime"].factor_files.__name__ == "models.flash_bias_factors"
+        assert not {"flash_bias_triton", "flash_bias_runtime", "flash_bias_factors"} & set(sys.modules)
         model = m.SwinTransformerV2(img_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                     num_classes=5).eval()
         with torch.no_grad():
@@ -277,7 +279,7 @@ def test_state_dict_matches_official_layout():
     model = make_model(TINY)
     sd = model.state_dict()
     expected = {name for name, _ in model.named_parameters()}
-    for layer_name, attn in swin.window_attention_layers(model):
+    for layer_name, attn in runtime.window_attention_layers(model):
         expected |= {f"{layer_name}.relative_coords_table", f"{layer_name}.relative_position_index"}
     for i, layer in enumerate(model.layers):
         for j, blk in enumerate(layer.blocks):
@@ -340,7 +342,7 @@ def _write_through_data(model, source):
 
 
 def _scale_cpb_through_data(model, source):
-    for _, attn in swin.window_attention_layers(model):
+    for _, attn in runtime.window_attention_layers(model):
         attn.cpb_mlp[2].weight.data.mul_(3)
 
 
@@ -382,8 +384,8 @@ def test_bias_never_stale_in_inference_mode(rule):
 
 def test_factor_file_refused_after_weights_change_through_data(tmp_path):
     model = make_model(TINY, seed=0)
-    swin.save_bias_factors(tmp_path / "fac", model, _factors(model))
-    swin.load_bias_factors(model, tmp_path / "fac")
+    runtime.save_bias_factors(tmp_path / "fac", model, _factors(model))
+    runtime.load_bias_factors(model, tmp_path / "fac")
     x = images()
     with torch.no_grad():
         model(x)
@@ -430,14 +432,14 @@ def test_rank_rules(rule, monkeypatch):
         monkeypatch.setenv("FLASHBIAS_RANK", rule)
         model.set_flash_bias()  # settings are re-read at the next forward
         out = model(x)
-    factors = [attn.flash_bias.factors for _, attn in swin.window_attention_layers(model)]
-    summary = swin.flash_bias_summary(model)
+    factors = [attn.flash_bias.factors for _, attn in runtime.window_attention_layers(model)]
+    summary = runtime.flash_bias_summary(model)
     assert [s["mode"] == "low-rank" for s in summary] == [f is not None for f in factors]
     if rule == "rank:4":
         assert all(f is not None and f[0].shape[-1] == 4 for f in factors)
         assert all(s["rank"] == 4 and s["source"] == "rank rule rank:4" for s in summary)
     elif rule == "logit:0.05":
-        for (_, attn), f in zip(swin.window_attention_layers(model), factors):
+        for (_, attn), f in zip(runtime.window_attention_layers(model), factors):
             if f is not None:
                 approx = f[0] @ f[1].transpose(-2, -1)
                 assert fbf.logit_error(attn.derive_bias(), approx)[0] <= 0.05
@@ -460,7 +462,7 @@ def test_bad_rank_rule_rejected():
 # ------------------------------------------------------------------------------------------------
 def _factors(model, max_logit_error=0.02, skip=()):
     out = {}
-    for i, (_, attn) in enumerate(swin.window_attention_layers(model)):
+    for i, (_, attn) in enumerate(runtime.window_attention_layers(model)):
         if i in skip:
             continue
         q, k, info = fbf.low_rank_bias_factors(attn.derive_bias(), max_logit_error=max_logit_error)
@@ -473,30 +475,30 @@ def test_factor_file_roundtrip_and_validation(tmp_path):
     a = make_model(TINY, seed=0)
     factors = _factors(a, skip={1})
     assert len(factors) >= 4
-    path = swin.save_bias_factors(tmp_path / "fac", a, factors, {"rule": "logit:0.02"})
+    path = runtime.save_bias_factors(tmp_path / "fac", a, factors, {"rule": "logit:0.02"})
     assert path.endswith("bias_factors.npz")
     with np.load(path, allow_pickle=False) as z:
         assert str(z["format"]) == "flashbias-swinv2-factors-v1"
-        assert int(z["num_layers"]) == len(swin.window_attention_layers(a))
+        assert int(z["num_layers"]) == len(runtime.window_attention_layers(a))
         assert str(z["layer1_name"]) == "layers.0.blocks.1.attn" and "layer1_q_bias" not in z.files
-        assert str(z["layer0_checksum"]) == swin.cpb_checksum(a.layers[0].blocks[0].attn)
+        assert str(z["layer0_checksum"]) == runtime.bias_checksum(a.layers[0].blocks[0].attn)
         assert json.loads(str(z["meta"])) == {"rule": "logit:0.02"}
     x = images()
     with torch.no_grad():
         exact = a(x)
-        loaded = swin.load_bias_factors(a, tmp_path / "fac")
+        loaded = runtime.load_bias_factors(a, tmp_path / "fac")
         assert set(loaded) == set(factors)
         out = a(x)
     assert 0 < rel_l2(out, exact) < 2e-2
     assert torch.equal(out.argmax(1), exact.argmax(1))
-    layers = swin.window_attention_layers(a)
+    layers = runtime.window_attention_layers(a)
     assert layers[1][1].flash_bias.factors is None  # absent layer: exact
     assert layers[0][1].flash_bias.factors is not None  # present layer: low-rank
 
     # another model's weights: rejected, naming the layer
     b = make_model(TINY, seed=1)
     with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn"):
-        swin.load_bias_factors(b, path)
+        runtime.load_bias_factors(b, path)
     # weights changed after the factors were loaded: the next forward refuses
     a.load_state_dict(b.state_dict())
     with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn"):
@@ -509,14 +511,14 @@ def test_factor_files_found_lazily(tmp_path, monkeypatch):
     x = images()
     with torch.no_grad():
         exact = a(x)
-    swin.save_bias_factors(tmp_path / "decomposed_bias", a, _factors(a), "{}")
+    runtime.save_bias_factors(tmp_path / "decomposed_bias", a, _factors(a), "{}")
     monkeypatch.chdir(tmp_path)  # the default folder, relative to the directory at first use
     monkeypatch.setenv("FLASHBIAS_RANK", "rank:2")  # files take precedence over the rank rule
     fresh = make_model(TINY, seed=0)
     with torch.no_grad():
         out = fresh(x)
     assert 0 < rel_l2(out, exact) < 2e-2
-    assert all(attn.flash_bias.record is not None for _, attn in swin.window_attention_layers(fresh))
+    assert all(attn.flash_bias.record is not None for _, attn in runtime.window_attention_layers(fresh))
     # the official main.py order: build, load the checkpoint, evaluate
     late = make_model(TINY, seed=3)
     late.load_state_dict(a.state_dict())
@@ -530,7 +532,7 @@ def test_factor_files_found_lazily(tmp_path, monkeypatch):
             make_model(TINY, seed=1)(x)
     # .half() keeps the (rounded) weights acceptable
     fresh.half()
-    for _, attn in swin.window_attention_layers(fresh):
+    for _, attn in runtime.window_attention_layers(fresh):
         attn.flash_bias.operands(attn, torch.zeros(1, 1, 3 * attn.dim, dtype=torch.float16))
 
 
@@ -557,10 +559,10 @@ def _rewrite(path, **changes):
 def test_factor_file_tampering_rejected(tmp_path, change, match):
     a = make_model(TINY)
     factors = _factors(a)
-    path = swin.save_bias_factors(tmp_path / "f.npz", a, factors, None)
+    path = runtime.save_bias_factors(tmp_path / "f.npz", a, factors, None)
     _rewrite(path, **change)
     with pytest.raises(ValueError, match=match):
-        swin.load_bias_factors(a, path)
+        runtime.load_bias_factors(a, path)
 
 
 def test_seed_named_factor_files(tmp_path):
@@ -573,38 +575,45 @@ def test_seed_named_factor_files(tmp_path):
     for i, (q, k) in _factors(a).items():
         np.save(folder / f"swin_v2_B_q_bias_{i}.npy", q.numpy())
         np.save(folder / f"swin_v2_B_k_bias_{i}.npy", k.numpy())
-    swin.load_bias_factors(a, folder)
+    runtime.load_bias_factors(a, folder)
     with torch.no_grad():
         out = a(x)
     assert 0 < rel_l2(out, exact) < 2e-2
     with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn"):  # from other weights
-        swin.load_bias_factors(make_model(TINY, seed=1), folder)
+        runtime.load_bias_factors(make_model(TINY, seed=1), folder)
     np.save(folder / "swin_v2_B_q_bias_0.npy", np.zeros((3, 64, 4), np.float32))  # wrong shape
     with pytest.raises(ValueError, match="layer 0"):
-        swin.load_bias_factors(a, folder)
+        runtime.load_bias_factors(a, folder)
     bad = tmp_path / "extra"
     bad.mkdir()
     np.save(bad / "swin_v2_L_q_bias_99.npy", np.zeros((2, 64, 4), np.float32))
     np.save(bad / "swin_v2_L_k_bias_99.npy", np.zeros((2, 64, 4), np.float32))
     with pytest.raises(ValueError, match="99"):
-        swin.load_bias_factors(a, bad)
+        runtime.load_bias_factors(a, bad)
 
 
 def test_load_bias_factors_missing_folder(tmp_path):
     with pytest.raises(fbf.FactorFileError, match="nothing does not exist"):
-        swin.load_bias_factors(make_model(MINI), tmp_path / "nothing")
+        runtime.load_bias_factors(make_model(MINI), tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(fbf.FactorFileError, match="no factor files"):
-        swin.load_bias_factors(make_model(MINI), tmp_path / "empty")
+        runtime.load_bias_factors(make_model(MINI), tmp_path / "empty")
 
 
 def test_wrapped_models_and_helpers():
     model = make_model(MINI)
-    names = [n for n, _ in swin.window_attention_layers(model)]
+    names = [n for n, _ in runtime.window_attention_layers(model)]
     assert names == ["layers.0.blocks.0.attn", "layers.0.blocks.1.attn", "layers.1.blocks.0.attn",
                      "layers.1.blocks.1.attn"]
-    assert [n for n, _ in swin.window_attention_layers(torch.nn.DataParallel(model))] == names
-    assert len(swin.cpb_checksum(model.layers[0].blocks[0].attn)) == 64
+    assert [n for n, _ in runtime.window_attention_layers(torch.nn.DataParallel(model))] == names
+    attn = model.layers[0].blocks[0].attn
+    # the factor files' checksum covers the same tensors, in the same order, as before bias_weights(): old files load
+    assert tuple(attn.bias_weights()) == fbf.BIAS_WEIGHTS["SwinV2"]
+    assert runtime.bias_checksum(attn) == fbf.weights_checksum(
+        [attn.cpb_mlp[0].weight, attn.cpb_mlp[0].bias, attn.cpb_mlp[2].weight, attn.relative_coords_table,
+         attn.relative_position_index])
+    state = attn.state_dict(keep_vars=True)
+    assert all(tensor is state[name] for name, tensor in attn.bias_weights().items())
 
 
 def test_torch_compile_eager_backend():
@@ -640,38 +649,38 @@ def test_factors_dir_env_pointing_nowhere_raises(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_factor_file_with_non_finite_values_rejected(tmp_path, bad):
     model = make_model(TINY)
-    path = swin.save_bias_factors(tmp_path / "f.npz", model, _factors(model))
+    path = runtime.save_bias_factors(tmp_path / "f.npz", model, _factors(model))
     with np.load(path, allow_pickle=False) as z:
         q = z["layer2_q_bias"].copy()
     q[0, 3, 0] = bad
     _rewrite(path, layer2_q_bias=q)  # the checksum still matches: only the values are wrong
     with pytest.raises(fbf.FactorFileError, match=r"f\.npz: layer 2 \(layers\.1\.blocks\.0\.attn\).*NaN or infinite"):
-        swin.load_bias_factors(model, path)
+        runtime.load_bias_factors(model, path)
 
 
 def test_corrupt_or_truncated_factor_file_names_the_file(tmp_path):
     model = make_model(TINY)
-    path = swin.save_bias_factors(tmp_path / "fac", model, _factors(model))
+    path = runtime.save_bias_factors(tmp_path / "fac", model, _factors(model))
     data = open(path, "rb").read()
     for name, content in (("truncated", data[: len(data) // 2]), ("garbage", b"PK\x03\x04 garbage")):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "bias_factors.npz").write_bytes(content)
         with pytest.raises(fbf.FactorFileError, match=rf"{name}/bias_factors\.npz is corrupt or truncated"):
-            swin.load_bias_factors(model, folder)
+            runtime.load_bias_factors(model, folder)
 
 
 def test_failed_load_keeps_the_previous_state(tmp_path):
     model = make_model(TINY, seed=0)
-    swin.save_bias_factors(tmp_path / "other", make_model(TINY, seed=1), _factors(make_model(TINY, seed=1)))
+    runtime.save_bias_factors(tmp_path / "other", make_model(TINY, seed=1), _factors(make_model(TINY, seed=1)))
     model.set_flash_bias(rank_rule="rank:3")
     x = images()
     with torch.no_grad():
         before = model(x)
         with pytest.raises(ValueError, match="other weights"):
-            swin.load_bias_factors(model, tmp_path / "other")
+            runtime.load_bias_factors(model, tmp_path / "other")
         assert torch.equal(model(x), before)
-    assert all(s["rank"] == 3 for s in swin.flash_bias_summary(model))
+    assert all(s["rank"] == 3 for s in runtime.flash_bias_summary(model))
 
 
 def test_bias_mode_logged_once(tmp_path, monkeypatch, caplog):
@@ -684,7 +693,7 @@ def test_bias_mode_logged_once(tmp_path, monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "flash_bias"]
     assert messages == ["FlashBias: exact bias in all 8 attention layers"]
     # factors picked up from ./decomposed_bias: the user is told, with their worst logit error
-    swin.save_bias_factors(tmp_path / "decomposed_bias", model, _factors(model, skip={1}))
+    runtime.save_bias_factors(tmp_path / "decomposed_bias", model, _factors(model, skip={1}))
     monkeypatch.chdir(tmp_path)
     caplog.clear()
     with torch.no_grad():

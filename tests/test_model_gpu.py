@@ -163,3 +163,44 @@ def test_torch_compile_keeps_the_fused_kernels():
     assert any("flash_bias.window_attention" in t for t in targets), sorted(targets)
     assert not any("bmm" in t or "matmul" in t for t in targets), sorted(targets)
     assert rel_l2(out, eager) < 1e-3
+
+
+def _loss_and_grads(model, x, y, dtype):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_training_runs_the_backward_kernel_with_the_official_gradients(monkeypatch, dtype, use_checkpoint):
+    """Training on the fused kernel: every parameter's gradient (cpb_mlp and logit_scale included) within
+    autocast noise of the official math's, from the same weights and batch (drop path 0: deterministic)."""
+    import flash_bias_triton as fb
+    model = make_model(TINY, use_checkpoint=use_checkpoint).cuda().train()
+    x, y = images(4, 64).cuda(), torch.arange(4).cuda()
+    model.set_flash_bias(fused=False)
+    _, exact = _loss_and_grads(model, x, y, torch.float32)
+    loss_official, official = _loss_and_grads(model, x, y, dtype)
+    model.set_flash_bias(fused=True)
+    launches = []
+    original = fb._launch_backward
+    monkeypatch.setattr(fb, "_launch_backward", lambda *a, **k: launches.append(1) or original(*a, **k))
+    loss_fused, fused = _loss_and_grads(model, x, y, dtype)
+    assert len(launches) == sum(TINY["depths"]), "the backward kernel did not run in every block"
+    assert abs(loss_fused - loss_official) < 2e-2 * abs(loss_official)
+    assert official.keys() == fused.keys()
+    # autocast noise: each gradient as close to the float32 official math's as twice the official math's own in the
+    # same dtype (plus a floor for gradients the official math happens to get right to rounding)
+    floor = 1e-2 if dtype == torch.float16 else 5e-2
+    errors = {n: (rel_l2(fused[n], g), rel_l2(official[n], g)) for n, g in exact.items() if g.norm() > 0}
+    worse = {n: e for n, e in errors.items() if e[0] > 2 * e[1] + floor}
+    assert not worse, sorted(worse.items(), key=lambda kv: -kv[1][0])[:5]
+    assert any("cpb_mlp" in n for n in errors) and any("logit_scale" in n for n in errors)
+
+
+def test_training_with_attention_dropout_takes_the_official_math():
+    model = make_model(TINY, attn_drop_rate=0.1).cuda().train()
+    assert not model.layers[0].blocks[0].attn.use_fused_attn(images(1, 64).cuda())

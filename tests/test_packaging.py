@@ -15,7 +15,8 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = {"flash_bias_triton", "flash_bias_factors", "swin_transformer_v2", "flash_bias_adapters"}
+REQUIRED = {"flash_bias_triton", "flash_bias_runtime", "flash_bias_factors", "swin_transformer_v2",
+            "swin_transformer", "flash_bias_adapters"}
 NOT_SHIPPED = {"setup.py", "conftest.py"}
 IGNORED = shutil.ignore_patterns(".git", ".venv", "third_party", ".whl", "__pycache__", ".pytest_cache", "build",
                                  "dist", "*.egg-info", "decomposed_bias", "out")

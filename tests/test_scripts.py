@@ -22,9 +22,8 @@ import decompose_bias  # noqa: E402
 import demo  # noqa: E402
 import save_bias  # noqa: E402
 import flash_bias_factors as fbf  # noqa: E402
+import flash_bias_runtime as runtime  # noqa: E402
 from flash_bias_triton import flash_bias_attention  # noqa: E402
-
-dropin = swin_config.import_dropin()
 
 BASE_YAML = """\
 MODEL:
@@ -174,9 +173,14 @@ def test_config_base_resolution(work, tmp_path):
     (tmp_path / "bad.yaml").write_text("_BASE_: nowhere.yaml\n")
     with pytest.raises(swin_config.UserError, match="nowhere.yaml"):
         swin_config.load_config(str(tmp_path / "bad.yaml"))
-    (tmp_path / "swin1.yaml").write_text("MODEL:\n  TYPE: swin\n")
-    with pytest.raises(swin_config.UserError, match="SwinV2"):
-        swin_config.load_config(str(tmp_path / "swin1.yaml"))
+    (tmp_path / "swin1.yaml").write_text("MODEL:\n  TYPE: swin\n  SWIN:\n    WINDOW_SIZE: 12\n")
+    cfg = swin_config.load_config(str(tmp_path / "swin1.yaml"))  # Swin V1: MODEL.SWIN, the official defaults
+    assert swin_config.model_type(cfg) == "swin" and swin_config.model_kwargs(cfg)["window_size"] == 12
+    assert "pretrained_window_sizes" not in swin_config.model_kwargs(cfg)
+    (tmp_path / "moe.yaml").write_text("MODEL:\n  TYPE: swin_moe\n")
+    with pytest.raises(swin_config.UserError, match=r"MODEL.TYPE='swin_moe'; these scripts handle SwinV2 "
+                                                    r"\(MODEL.TYPE: swinv2\) and Swin V1 \(MODEL.TYPE: swin\)"):
+        swin_config.load_config(str(tmp_path / "moe.yaml"))
 
 
 def test_opts_after_the_yaml(work, tmp_path, capsys):
@@ -222,11 +226,11 @@ def test_save_bias_manifest(work, pipeline):
     folder = work["tmp"] / "bias"
     manifest = json.loads((folder / "manifest.json").read_text())
     model = load_model(work)
-    layers = dropin.window_attention_layers(model)
+    layers = runtime.window_attention_layers(model)
     assert manifest["num_layers"] == len(layers) == 8
     assert "[8/8]" in pipeline["save_stdout"]
     for entry, (name, attn) in zip(manifest["layers"], layers):
-        assert entry["name"] == name and entry["checksum"] == dropin.cpb_checksum(attn)
+        assert entry["name"] == name and entry["checksum"] == runtime.bias_checksum(attn)
         assert entry["sha256"] == save_bias.file_sha256(str(folder / entry["file"]))
         bias = np.load(folder / entry["file"], allow_pickle=False)
         assert bias.shape == (entry["heads"], entry["N"], entry["N"]) and bias.dtype == np.float32
@@ -369,10 +373,10 @@ def test_factors_load_and_error_matches_report(work, pipeline):
     """Per layer, the loaded factors' logit error is the reported one, and attention outputs move by
     no more than that error allows: |softmax change|_1 <= exp(2 * max error) - 1."""
     model = load_model(work)
-    layers = dropin.window_attention_layers(model)
+    layers = runtime.window_attention_layers(model)
     for folder in ("fac_logit", "fac_rank2"):
         meta = factor_meta(work["tmp"] / folder)
-        loaded = dropin.load_bias_factors(model, str(work["tmp"] / folder))
+        loaded = runtime.load_bias_factors(model, str(work["tmp"] / folder))
         assert sorted(loaded) == [i for i, r in enumerate(meta["ranks"]) if r]
         gen = torch.Generator().manual_seed(0)
         for i, (q_bias, k_bias) in loaded.items():
@@ -396,7 +400,7 @@ def test_model_output_low_rank_vs_exact(work, pipeline):
         diffs = {}
         for folder in ("fac_logit", "fac_rank2"):
             model = load_model(work)
-            dropin.load_bias_factors(model, str(work["tmp"] / folder))
+            runtime.load_bias_factors(model, str(work["tmp"] / folder))
             diffs[folder] = swin_config.rel_l2(model(x), exact)
     assert diffs["fac_rank2"] > 1e-3                      # rank 2 is clearly not exact
     assert diffs["fac_logit"] < diffs["fac_rank2"] / 3   # a 0.05-logit bound is much closer
@@ -406,7 +410,7 @@ def test_model_output_low_rank_vs_exact(work, pipeline):
 def test_factors_of_another_checkpoint_rejected(work, pipeline, tmp_path):
     model = load_model(work, work["ckpt_other_weights"])
     with pytest.raises(ValueError, match=r"layer 0|layers\.0\.blocks\.0\.attn"):
-        dropin.load_bias_factors(model, str(work["tmp"] / "fac_energy"))
+        runtime.load_bias_factors(model, str(work["tmp"] / "fac_energy"))
     # a bias folder of checkpoint 0 against checkpoint 1
     with pytest.raises(swin_config.UserError, match=r"layer 0 \(layers\.0\.blocks\.0\.attn\).*another checkpoint"):
         decompose_bias.main(["--bias-dir", str(work["tmp"] / "bias"), "--cfg", str(work["cfg"]),
@@ -541,3 +545,133 @@ def test_official_trainer_checkpoint_loads_and_a_payload_is_refused(work, tmp_pa
     torch.save({"model": model.state_dict(), "payload": _Payload()}, evil)
     _, err = run_script("save_bias.py", "--cfg", work["cfg"], "--resume", evil, "--out", tmp_path / "b2", expect=2)
     assert "cannot read checkpoint" in err and "evil.pth" in err and "system" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin V1 (MODEL.TYPE: swin): the bias is relative_position_bias_table[relative_position_index]
+# ----------------------------------------------------------------------------------------------
+V1_YAML = """\
+MODEL:
+  TYPE: swin
+  NAME: test_v1
+  NUM_CLASSES: 10
+  SWIN:
+    EMBED_DIM: 32
+    DEPTHS: [ 2, 2, 2 ]
+    NUM_HEADS: [ 1, 2, 4 ]
+    WINDOW_SIZE: 7
+DATA:
+  IMG_SIZE: 112
+"""
+OFFICIAL_V1_YAML = os.path.join(ROOT, "third_party", "Swin-Transformer", "configs", "swin",
+                                "swin_tiny_patch4_window7_224.yaml")
+
+
+@pytest.fixture(scope="module")
+def v1_work(tmp_path_factory):
+    """A Swin V1 yaml, checkpoints of trained-like weights (seeds 0 and 1), and the pipeline run on the first as a
+    user runs it: save_bias.py, then decompose_bias.py with its default rule (max logit error 0.05)."""
+    tmp = tmp_path_factory.mktemp("v1")
+    (tmp / "v1.yaml").write_text(V1_YAML)
+    cfg = swin_config.load_config(str(tmp / "v1.yaml"))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(swin_config.trained_like_(swin_config.build_model(cfg), seed), tmp / f"v1_seed{seed}.pth")
+    run_script("save_bias.py", "--cfg", tmp / "v1.yaml", "--resume", tmp / "v1_seed0.pth", "--out", tmp / "bias")
+    stdout, _ = run_script("decompose_bias.py", "--bias-dir", tmp / "bias", "--no-figure", "--out", tmp / "fac")
+    return {"tmp": tmp, "cfg": tmp / "v1.yaml", "ckpt": tmp / "v1_seed0.pth",
+            "ckpt_other_weights": tmp / "v1_seed1.pth", "decompose_stdout": stdout}
+
+
+def v1_model(v1_work, ckpt=None, **settings):
+    """The V1 drop-in model from the yaml and a checkpoint, exact and without factor files unless ``settings``
+    (set_flash_bias arguments) say otherwise."""
+    _, model = swin_config.build_from_args(str(v1_work["cfg"]), str(ckpt or v1_work["ckpt"]), verbose=False)
+    model.set_flash_bias(**dict(dict(rank_rule="exact", factors_path=False), **settings))
+    return model
+
+
+def test_v1_save_bias_is_the_table_gather(v1_work):
+    folder = v1_work["tmp"] / "bias"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["model_type"] == "swin" and manifest["num_layers"] == 6
+    state = torch.load(v1_work["ckpt"], weights_only=True)["model"]
+    for entry, (name, attn) in zip(manifest["layers"], runtime.window_attention_layers(v1_model(v1_work))):
+        assert entry["name"] == name and entry["checksum"] == runtime.bias_checksum(attn)
+        assert entry["bias_weights"] == ["relative_position_bias_table", "relative_position_index"]
+        table, index = state[f"{name}.relative_position_bias_table"], attn.relative_position_index  # from the file
+        expected = table[index.reshape(-1)].reshape(entry["N"], entry["N"], -1).permute(2, 0, 1)  # no MLP, no sigmoid
+        assert np.array_equal(np.load(folder / entry["file"], allow_pickle=False), expected.numpy())
+    assert [e["N"] for e in manifest["layers"]] == [49] * 6 and manifest["layers"][-1]["heads"] == 4
+
+
+def test_v1_low_rank_end_to_end(v1_work, capsys):
+    """Factor folders in the V1 model: each layer's loaded factors have the logit error the decomposition reported,
+    each attention moves by no more than that error allows, and the logits move with it: the default bound (0.05)
+    keeps them close to the exact model's, rank 24 (of N = 49) less so, rank 1 least."""
+    tmp = v1_work["tmp"]
+    assert "6 of 6 layers low-rank" in v1_work["decompose_stdout"]
+    code, _, _ = run_in_process(decompose_bias.main, ["--bias-dir", tmp / "bias", "--rank", 24, "--no-figure",
+                                                      "--no-compare", "--out", tmp / "fac_rank24"], capsys)
+    assert code == 0
+    x = swin_config.smooth_images(4, 112, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    errors = {}
+    with torch.no_grad():
+        exact = v1_model(v1_work)(x)
+        for folder in ("fac", "fac_rank24"):
+            meta = factor_meta(tmp / folder)
+            assert meta["rule"] == {"fac": "logit:0.05", "fac_rank24": "rank:24"}[folder]
+            model = v1_model(v1_work, factors_path=tmp / folder)
+            errors[folder] = swin_config.rel_l2(model(x), exact)
+            for i, ((_, attn), summary) in enumerate(zip(runtime.window_attention_layers(model),
+                                                         runtime.flash_bias_summary(model))):
+                assert summary["mode"] == "low-rank" and summary["rank"] == meta["ranks"][i]
+                assert summary["max_logit_error"] == pytest.approx(meta["max_logit_error"][i], rel=1e-3, abs=1e-5)
+                q_bias, k_bias = attn.flash_bias.factors
+                H, N = q_bias.shape[:2]
+                qkv = torch.randn(3, N, 3 * 16 * H, generator=gen)
+                dense = flash_bias_attention(qkv, H, bias=attn.derive_bias(), backend="torch")
+                factored = flash_bias_attention(qkv, H, bias_factors=(q_bias, k_bias), backend="torch")
+                v_max = qkv[..., 2 * 16 * H:].abs().max()
+                assert (dense - factored).abs().max() <= (np.exp(2 * summary["max_logit_error"]) - 1) * v_max + 1e-5
+        errors["rank:1"] = swin_config.rel_l2(v1_model(v1_work, rank_rule="rank:1")(x), exact)
+    assert max(factor_meta(tmp / "fac")["max_logit_error"]) <= 0.05
+    assert errors["fac"] < 0.01 and errors["fac"] < errors["fac_rank24"] < errors["rank:1"], errors
+
+
+def test_v1_factors_of_other_weights_are_refused(v1_work, tmp_path, capsys):
+    model = v1_model(v1_work, ckpt=v1_work["ckpt_other_weights"], factors_path=v1_work["tmp"] / "fac")
+    with pytest.raises(ValueError, match=r"layer layers\.0\.blocks\.0\.attn: the bias factors from .*fac.* were "
+                                         r"computed for other weights"), torch.no_grad():
+        model(swin_config.smooth_images(1, 112))
+    code, _, err = run_in_process(decompose_bias.main, ["--bias-dir", v1_work["tmp"] / "bias", "--cfg", v1_work["cfg"],
+                                                        "--resume", v1_work["ckpt_other_weights"], "--out",
+                                                        tmp_path / "x"], capsys)
+    assert code == 2 and ("layer 0 (layers.0.blocks.0.attn): the bias in" in err and "saved from another checkpoint "
+                          "(checksum of relative_position_bias_table, relative_position_index differs)" in err)
+    code, _, err = run_in_process(decompose_bias.main, ["--bias-dir", v1_work["tmp"] / "bias", "--published-format",
+                                                        "--out", tmp_path / "y"], capsys)
+    assert code == 2 and ("--published-format: the published FlashBias code's naming (swin_v2_*) holds SwinV2 "
+                          "factors; this model's bias is a Swin V1 bias" in err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_v1_registered_and_official_configs(tmp_path, capsys):
+    """--embedded names a registered V1 config; the official configs/swin yaml builds the official Swin-T."""
+    code, out, _ = run_in_process(save_bias.main, ["--embedded", "test_v1_mini", "--out", tmp_path / "b"], capsys)
+    assert code == 0 and "Swin V1, img 32" in out
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["model_type"] == "swin"
+    if not os.path.isfile(OFFICIAL_V1_YAML):
+        pytest.skip(f"no official checkout ({OFFICIAL_V1_YAML})")
+    cfg = swin_config.load_config(OFFICIAL_V1_YAML)
+    assert swin_config.model_kwargs(cfg) == dict(
+        img_size=224, num_classes=1000, drop_rate=0.0, drop_path_rate=0.2, patch_size=4, in_chans=3, embed_dim=96,
+        depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0, qkv_bias=True, ape=False,
+        patch_norm=True, qk_scale=None)
+    torch.manual_seed(0)
+    save_checkpoint(swin_config.trained_like_(swin_config.build_model(cfg), 0), tmp_path / "swin_t.pth")
+    code, out, _ = run_in_process(decompose_bias.main, ["--cfg", OFFICIAL_V1_YAML, "--resume", tmp_path / "swin_t.pth",
+                                                        "--no-figure", "--no-compare", "--out", tmp_path / "f"], capsys)
+    assert code == 0 and "of 12 layers low-rank (rule logit:0.05)" in out
+    assert factor_meta(tmp_path / "f")["source"].startswith(f"config {OFFICIAL_V1_YAML}, checkpoint")

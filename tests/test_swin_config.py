@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import flash_bias_runtime as runtime
 import model_utils as mu
 import swin_config
 
@@ -15,12 +16,34 @@ def test_every_registered_config_loads():
     for name in swin_config.config_names():
         cfg = swin_config.load_config(embedded=name)
         kwargs = swin_config.model_kwargs(cfg)
-        assert len(kwargs["depths"]) == len(kwargs["num_heads"]) == len(kwargs["pretrained_window_sizes"])
+        stages = kwargs.get("pretrained_window_sizes", kwargs["depths"])  # SwinV2 only
+        assert len(kwargs["depths"]) == len(kwargs["num_heads"]) == len(stages)
         assert cfg.SOURCE == f"embedded:{name}" and swin_config.registered_config(name).title
+        assert name in swin_config.config_names(swin_config.model_type(cfg))
     assert (swin_config.model_kwargs(swin_config.load_config(embedded="b384"))
             == swin_config.model_kwargs(swin_config.load_config(embedded="swinv2_b_384")))
     with pytest.raises(swin_config.UserError, match="give a config file .* or a registered config name"):
         swin_config.load_config()
+
+
+def test_the_model_type_comes_from_the_config():
+    """One registry for SwinV2 and Swin V1: MODEL.TYPE picks the drop-in, as the official models/build.py does."""
+    assert swin_config.config_names("swin") == ["swin_t_224", "swin_b_384", "test_v1_tiny", "test_v1_mini"]
+    assert set(swin_config.config_names("swinv2")) | set(swin_config.config_names("swin")) == set(
+        swin_config.config_names())
+    assert set(swin_config.SWIN_V1_CONFIGS) == set(swin_config.config_names("swin"))
+    for name, kwargs in swin_config.SWIN_V1_CONFIGS.items():
+        cfg = swin_config.load_config(embedded=name)
+        assert kwargs == swin_config.model_kwargs(cfg) and "qk_scale" in kwargs
+        assert f"({cfg.SOURCE}): Swin V1, img {kwargs['img_size']}" in swin_config.describe_config(cfg)
+    assert swin_config.SWIN_V1_CONFIGS["test_v1_mini"]["window_size"] == 4
+    v1 = swin_config.build_model(swin_config.load_config(embedded="test_v1_mini"))
+    v2 = swin_config.build_model(swin_config.load_config(embedded="test_mini"))
+    assert type(v1).__module__ == "swin_transformer" and type(v1).__name__ == "SwinTransformer"
+    assert type(v2).__module__ == "swin_transformer_v2" and type(v2).__name__ == "SwinTransformerV2"
+    cfg, model = swin_config.model_from_args(parse_model_args(["--embedded", "test_v1_mini", "--opts",
+                                                               "MODEL.SWIN.WINDOW_SIZE", "2"]), verbose=False)
+    assert swin_config.model_type(cfg) == "swin" and model.layers[0].blocks[0].attn.window_size == (2, 2)
 
 
 def test_test_configs_come_from_the_registry():
@@ -39,7 +62,7 @@ def test_trained_like_weights():
     blocks = [m for m in model.modules() if hasattr(m, "attn")]
     norm_weights = torch.cat([torch.cat([b.norm1.weight, b.norm2.weight]) for b in blocks])
     assert norm_weights.mean().item() == pytest.approx(0.5, abs=0.03) and norm_weights.std().item() > 0.05
-    for _, attn in mu.swin.window_attention_layers(model):
+    for _, attn in runtime.window_attention_layers(model):
         scale = attn.logit_scale.detach()
         assert math.log(5) <= scale.min() and scale.max() <= math.log(40)
         assert attn.cpb_mlp[0].weight.std().item() == pytest.approx(1.0, rel=0.15)

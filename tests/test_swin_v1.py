@@ -9,14 +9,18 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from model_utils import ROOT, images, rel_l2
+import flash_bias_factors as fbf
+import flash_bias_runtime as runtime
 import flash_bias_triton as fb
 import swin_config
 import swin_transformer as v1
@@ -322,21 +326,143 @@ def test_weights_loaded_after_first_forward_are_picked_up():
         assert rel_l2(a(x), official) < 1e-6
 
 
-def test_exact_bias_only(monkeypatch, caplog):
+# ------------------------------------------------------------------------------------------------
+# the bias: exact, rank rules and factor files, as in the V2 drop-in (flash_bias_runtime)
+# ------------------------------------------------------------------------------------------------
+def official_bias(attn):
+    """(H, N, N) float64: the official forward's relative_position_bias_table[relative_position_index] (no MLP, no
+    16 * sigmoid), written out independently of derive_bias."""
+    table = attn.relative_position_bias_table.detach().double()
+    tokens = attn.window_size[0] * attn.window_size[1]
+    return table[attn.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
+
+
+def test_bias_weights_are_the_state_dict_names_of_the_v1_bias():
+    attn = make_model(MINI).layers[0].blocks[0].attn
+    weights = attn.bias_weights()
+    assert tuple(weights) == fbf.BIAS_WEIGHTS["Swin V1"]
+    state = attn.state_dict(keep_vars=True)
+    assert all(weights[name] is state[name] for name in weights)
+    assert torch.equal(attn.derive_bias().double(), official_bias(attn))
+
+
+def test_rank_rules(monkeypatch, caplog):
+    """A rank rule gives every layer SVD factors of its table's bias; the kernel gets them instead of the bias."""
     model = make_model(MINI)
-    for bad in (dict(rank_rule="rank:4"), dict(factors_path="decomposed_bias")):
-        with pytest.raises(ValueError, match="Swin V1 drop-in runs the exact bias only"):
-            model.set_flash_bias(**bad)
-    model.set_flash_bias(rank_rule="exact", factors_path=False)
+    x = images(2, 32)
+    seen = []
+    CountCalls(monkeypatch, change=lambda a, k: (seen.append(sorted(set(k) & {"bias", "bias_factors"})), (a, k))[1])
     caplog.set_level(logging.INFO, logger="flash_bias")
-    monkeypatch.setenv("FLASHBIAS_RANK", "rank:4")
     with torch.no_grad():
-        model(images(1, 32))
-        model(images(1, 32))
-    (record,) = [r for r in caplog.records if r.name == "flash_bias"]
-    assert record.levelno == logging.WARNING
-    assert record.getMessage() == ("FlashBias: exact bias in all 4 attention layers of this Swin V1 model; "
-                                   "FLASHBIAS_RANK=rank:4 ignored (low-rank factors are for SwinV2)")
+        exact = model(x)
+        assert seen == [["bias"]] * 4
+        for rule, rank in (("rank:3", 3), ("logit:0.05", None), ("energy:0.9", None)):
+            model.set_flash_bias(rank_rule=rule)
+            low_rank = model(x)
+            assert seen[-4:] == [["bias_factors"]] * 4, rule
+            for (_, attn), summary in zip(runtime.window_attention_layers(model), runtime.flash_bias_summary(model)):
+                q_bias, k_bias = attn.flash_bias.factors
+                error = fbf.logit_error(official_bias(attn), q_bias.double() @ k_bias.double().transpose(1, 2))[0]
+                assert summary["mode"] == "low-rank" and summary["source"] == f"rank rule {rule}"
+                assert summary["max_logit_error"] == pytest.approx(error, rel=1e-4, abs=1e-6)
+                assert rank is None or summary["rank"] == rank
+                if rule.startswith("logit"):
+                    assert error <= 0.05
+            assert 0 < rel_l2(low_rank, exact) < (0.05 if rule.startswith("logit") else 0.5), rule
+    messages = [r.getMessage() for r in caplog.records if r.name == "flash_bias"]
+    assert messages[0] == "FlashBias: exact bias in all 4 attention layers"
+    assert re.match(r"FlashBias: low-rank bias factors from rank rule rank:3 in 4 of 4 attention layers \(rank 3-3\)",
+                    messages[1]), messages[1]
+
+
+def test_rank_rule_from_the_environment_and_new_weights(monkeypatch):
+    a, b = make_model(MINI, seed=0), make_model(MINI, seed=1)
+    x = images(2, 32)
+    monkeypatch.setenv("FLASHBIAS_RANK", "rank:16")  # full rank (N = 16): the exact bias up to rounding
+    with torch.no_grad():
+        expected_b = b(x)
+        a(x)
+        assert all(s["mode"] == "low-rank" for s in runtime.flash_bias_summary(a))
+        a.load_state_dict(b.state_dict())  # new tables after the first forward: the factors are made again
+        assert rel_l2(a(x), expected_b) < 1e-5
+        monkeypatch.setenv("FLASHBIAS_RANK", "bad")
+        with pytest.raises(ValueError, match="bad rank rule 'bad'"):
+            a.set_flash_bias()  # the environment is read at the first fused forward of the new settings
+            a(x)
+    with pytest.raises(ValueError, match="bad rank rule 'rank:0'"):
+        a.set_flash_bias(rank_rule="rank:0")
+
+
+def _v1_factors(model, rank=3):
+    return {i: fbf.low_rank_bias_factors(attn.derive_bias(), rank=rank)[:2]
+            for i, (_, attn) in enumerate(runtime.window_attention_layers(model))}
+
+
+def test_factor_files(tmp_path, monkeypatch):
+    a = make_model(MINI)
+    x = images(2, 32)
+    path = runtime.save_bias_factors(tmp_path / "decomposed_bias", a, _v1_factors(a))
+    with np.load(path) as z:
+        assert str(z["layer0_bias_weights"]) == "relative_position_bias_table,relative_position_index"
+        assert str(z["layer0_checksum"]) == runtime.bias_checksum(a.layers[0].blocks[0].attn)
+    with torch.no_grad():
+        a.set_flash_bias(rank_rule="rank:3", factors_path=False)
+        by_rule = a(x)
+        a.set_flash_bias(factors_path=tmp_path / "decomposed_bias")
+        assert torch.allclose(a(x), by_rule, atol=1e-6)  # the same SVD, from the file
+        assert {s["source"] for s in runtime.flash_bias_summary(a)} == {path}
+        monkeypatch.setenv("FLASHBIAS_FACTORS_DIR", str(tmp_path / "decomposed_bias"))
+        a.set_flash_bias()
+        assert torch.allclose(a(x), by_rule, atol=1e-6)
+        monkeypatch.delenv("FLASHBIAS_FACTORS_DIR")
+        monkeypatch.chdir(tmp_path)  # ./decomposed_bias of the working directory
+        a.set_flash_bias()
+        assert torch.allclose(a(x), by_rule, atol=1e-6)
+        other = make_model(MINI, seed=1)  # the factors of other weights: refused, naming the layer
+        with pytest.raises(ValueError, match=r"layer layers\.0\.blocks\.0\.attn: the bias factors from .* were "
+                                             r"computed for other weights"):
+            other(x)
+
+
+def _same_shaped_pair():
+    """A SwinV2 and a Swin V1 model whose attention layers have the same names, heads and windows."""
+    v2 = swin_config.trained_like_(swin_config.import_dropin().SwinTransformerV2(
+        **dict(swin_config.model_kwargs(swin_config.load_config(embedded="test_mini")), drop_path_rate=0.0)), 0)
+    return v2.eval(), make_model(MINI, num_heads=[2, 2])
+
+
+def test_factor_files_of_the_other_model_family_are_refused(tmp_path):
+    v2, v1_model = _same_shaped_pair()
+    assert [(n, a.num_heads, a.window_size) for n, a in runtime.window_attention_layers(v2)] == \
+           [(n, a.num_heads, a.window_size) for n, a in runtime.window_attention_layers(v1_model)]
+    runtime.save_bias_factors(tmp_path / "v1", v1_model, _v1_factors(v1_model))
+    runtime.save_bias_factors(tmp_path / "v2", v2, _v1_factors(v2))
+    with pytest.raises(fbf.FactorFileError, match=r"v1/bias_factors\.npz: layer 0 \(layers\.0\.blocks\.0\.attn\): the "
+                                                  r"factors are of a Swin V1 bias \(from relative_position_bias_table, "
+                                                  r"relative_position_index\), this layer's bias is a SwinV2 bias"):
+        runtime.load_bias_factors(v2, tmp_path / "v1")
+    with pytest.raises(fbf.FactorFileError, match=r"layer 0 \(layers\.0\.blocks\.0\.attn\): the factors are of a "
+                                                  r"SwinV2 bias \(from cpb_mlp\.0\.weight, .*this layer's bias is a "
+                                                  r"Swin V1 bias"):
+        runtime.load_bias_factors(v1_model, tmp_path / "v2")
+    # a file written before the names were recorded (only the SwinV2 drop-in wrote them) is SwinV2's
+    with np.load(tmp_path / "v2" / "bias_factors.npz") as z:
+        old = {k: z[k] for k in z.files if not k.endswith("_bias_weights")}
+    np.savez(tmp_path / "old.npz", **old)
+    assert sorted(runtime.load_bias_factors(v2, tmp_path / "old.npz")) == [0, 1, 2, 3]
+    with pytest.raises(fbf.FactorFileError, match=r"old\.npz: layer 0 .*the factors are of a SwinV2 bias"):
+        runtime.load_bias_factors(v1_model, tmp_path / "old.npz")
+    # the published code's naming says swin_v2: SwinV2 factors only, written and read
+    records = [fbf.LayerFactors(i, n, "x", q, k, bias_weights=tuple(a.bias_weights()))
+               for (i, (q, k)), (n, a) in zip(_v1_factors(v1_model).items(), runtime.window_attention_layers(v1_model))]
+    with pytest.raises(ValueError, match=r"published FlashBias code's naming \(swin_v2_\*\) holds SwinV2 factors; "
+                                         r"layer 0 \(layers\.0\.blocks\.0\.attn\) is a Swin V1 bias"):
+        fbf.write_published_factors(str(tmp_path / "published"), "B", records)
+    fbf.write_published_factors(str(tmp_path / "published"), "B", [
+        fbf.LayerFactors(r.index, r.name, None, r.q_bias, r.k_bias, bias_weights=fbf.BIAS_WEIGHTS["SwinV2"])
+        for r in records])
+    with pytest.raises(fbf.FactorFileError, match=r"published: layer 0 .*SwinV2 bias .*Swin V1 bias"):
+        runtime.load_bias_factors(v1_model, tmp_path / "published")
 
 
 def test_cuda_graphs_need_cuda():
@@ -352,7 +478,7 @@ def test_cuda_graphs_need_cuda():
 
 
 def test_cuda_graph_cache_with_a_fake_capture():
-    """The V2 drop-in's ForwardGraphs drives a V1 model too (capture on second sight, then replay)."""
+    """The drop-ins' ForwardGraphs drives a V1 model too (capture on second sight, then replay)."""
     model = make_model(MINI)
     captures = []
 
@@ -361,7 +487,7 @@ def test_cuda_graph_cache_with_a_fake_capture():
         output = fn()
         return (lambda: output.copy_(fn())), output, pool
 
-    graphs = model.flash_bias_settings.graphs = v1.ForwardGraphs(capture=fake_capture)
+    graphs = model.flash_bias_settings.graphs = runtime.ForwardGraphs(capture=fake_capture)
     x = images(2, 32)
     with torch.no_grad():
         expected = model(x)
@@ -456,6 +582,20 @@ TRITON_SCRIPT = textwrap.dedent("""
     assert err < 1e-5, err
     assert err_bf16 < 2 * noise + 1e-3, (err_bf16, noise)
     assert torch.equal(kernel.argmax(1), official.argmax(1))
+    # low-rank: the kernel takes bias_factors in the scaled dot-product form (no logit_scale)
+    import flash_bias_runtime as runtime
+    model.set_flash_bias(rank_rule="rank:5", fused=True)
+    launches.clear()
+    with torch.no_grad():
+        low_rank = model(x)
+        assert launches.count("_launch") == 4, launches
+        assert [s["rank"] for s in runtime.flash_bias_summary(model)] == [5] * 4
+        os.environ["FLASHBIAS_BACKEND"] = "torch"  # the same factors through the PyTorch reference
+        low_rank_reference = model(x)
+    err_low_rank, moved = rel_l2(low_rank, low_rank_reference), rel_l2(low_rank, official)
+    print("LOW_RANK", err_low_rank, moved)
+    assert err_low_rank < 1e-5, err_low_rank
+    assert moved > 100 * err_low_rank, moved  # rank 5 of N = 16: not the exact bias, so the factors were used
 """)
 
 
@@ -466,7 +606,7 @@ def test_fused_path_through_triton_interpreter():
     script = TRITON_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), scripts=os.path.join(ROOT, "scripts"))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "REL" in proc.stdout
+    assert "REL" in proc.stdout and "LOW_RANK" in proc.stdout
 
 
 def test_import_as_official_models_package(tmp_path):
@@ -474,14 +614,14 @@ def test_import_as_official_models_package(tmp_path):
     pkg = tmp_path / "models"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("from .swin_transformer import SwinTransformer\n")
-    for f in ("swin_transformer.py", "swin_transformer_v2.py", "flash_bias_triton.py", "flash_bias_factors.py"):
-        (pkg / f).write_text(open(os.path.join(ROOT, f)).read())
+    for f in ("swin_transformer.py", "flash_bias_triton.py", "flash_bias_runtime.py", "flash_bias_factors.py"):
+        (pkg / f).write_text(open(os.path.join(ROOT, f)).read())  # the V1 drop-in needs no swin_transformer_v2.py
     script = textwrap.dedent("""
         import sys, torch
         import models.swin_transformer as m
         assert m.flash_bias_attention.__module__ == "models.flash_bias_triton", m.flash_bias_attention.__module__
-        assert m.ForwardGraphs.__module__ == "models.swin_transformer_v2", m.ForwardGraphs.__module__
-        assert "flash_bias_triton" not in sys.modules and "swin_transformer_v2" not in sys.modules
+        assert m.LayerBias.__module__ == "models.flash_bias_runtime", m.LayerBias.__module__
+        assert not {"flash_bias_triton", "flash_bias_runtime", "swin_transformer_v2"} & set(sys.modules)
         model = m.SwinTransformer(img_size=32, window_size=4, embed_dim=32, depths=[2, 2], num_heads=[1, 2],
                                   num_classes=5, fused_window_process=True).eval()
         with torch.no_grad():
@@ -532,7 +672,8 @@ def test_official_build_model_builds_the_dropin(tmp_path):
     script = textwrap.dedent(f"""
         import os, shutil, sys
         shutil.copytree({checkout!r}, "checkout", ignore=shutil.ignore_patterns(".git", "figures"))
-        for f in ("swin_transformer.py", "swin_transformer_v2.py", "flash_bias_triton.py", "flash_bias_factors.py"):
+        for f in ("swin_transformer.py", "swin_transformer_v2.py", "flash_bias_triton.py", "flash_bias_runtime.py",
+                  "flash_bias_factors.py"):
             shutil.copy(os.path.join({ROOT!r}, f), os.path.join("checkout", "models", f))
         os.chdir("checkout")
         sys.path.insert(0, os.getcwd())

@@ -1,0 +1,469 @@
+"""FlashBias at run time, for the drop-ins (swin_transformer_v2.py, swin_transformer.py) and flash_bias_adapters.py:
+each attention layer's bias state (:class:`LayerBias`), a model's settings (:class:`FlashBiasSettings`), the whole
+forward replayed from CUDA graphs (:class:`ForwardGraphs`), factor files matched to a model's layers, and the one
+log line that says which bias a model runs.
+
+Nothing here knows how a bias is computed. A drop-in's ``WindowAttention`` takes part through
+
+    flash_bias                          its LayerBias (not in the state dict)
+    bias_weights()                      {name: tensor} its relative-position bias is derived from, in a fixed order;
+                                        the factor files' checksum covers these values in this order, and the names
+                                        say which model family the bias is of (flash_bias_factors.BIAS_WEIGHTS)
+    derive_bias(center_rows, dtype)     the exact bias (num_heads, N, N) of the current weights
+    num_heads, window_size, fused_attn, use_fused_attn(x)
+
+and its model through ``flash_bias_settings`` (a FlashBiasSettings), replaced by :func:`configure`.
+"""
+import collections
+import itertools
+import logging
+import os
+import sys
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+try:  # inside the official `models` package, or as top-level modules
+    from .flash_bias_triton import tracing_or_exporting
+    from . import flash_bias_factors as factor_files
+except ImportError:
+    from flash_bias_triton import tracing_or_exporting
+    import flash_bias_factors as factor_files
+
+__all__ = ["LayerBias", "FlashBiasSettings", "ForwardGraphs", "WeightStamp", "bias_checksum", "configure",
+           "window_attention_layers", "flash_bias_summary", "load_bias_factors", "save_bias_factors"]
+
+_logger = logging.getLogger("flash_bias")
+
+
+def _log(message, level=logging.INFO):
+    """Rank 0 only. Shown by default, as the official main.py shows its own messages (on stdout, unless the
+    application configured logging itself); silence with logging.getLogger("flash_bias").setLevel(logging.WARNING)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    if not _logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s flash_bias] %(levelname)s %(message)s"))
+        _logger.addHandler(handler)
+        _logger.propagate = False
+    if _logger.level == logging.NOTSET:
+        _logger.setLevel(logging.INFO)
+    _logger.log(level, message)
+
+
+def bias_checksum(attn):
+    """sha256 hex of attn.bias_weights() as float32 bytes, in order: the weights a layer's bias is derived from
+    (SwinV2: cpb_mlp[0].weight, cpb_mlp[0].bias, cpb_mlp[2].weight, relative_coords_table, relative_position_index;
+    Swin V1: relative_position_bias_table, relative_position_index)."""
+    return factor_files.weights_checksum(attn.bias_weights().values())
+
+
+class WeightStamp(NamedTuple):
+    """The weights a layer's low-rank factors were made for: device, dtypes and values (compared by value, so
+    in-place writes that bypass the version counter, e.g. through .data or in inference mode, are seen)."""
+    device: torch.device
+    dtypes: tuple
+    values: torch.Tensor  # every weight flattened into one float32 vector
+
+    @classmethod
+    def of(cls, attn):
+        weights = list(attn.bias_weights().values())
+        values = torch.cat([t.detach().reshape(-1).float() for t in weights])
+        return cls(weights[0].device, tuple(t.dtype for t in weights), values)
+
+    def matches(self, attn):
+        now = WeightStamp.of(attn)
+        return (now.device, now.dtypes) == (self.device, self.dtypes) and torch.equal(now.values, self.values)
+
+
+class LayerBias:
+    """FlashBias: how one WindowAttention gives its relative position bias to the kernel (not in the state dict).
+
+    exact (the default): derived from the current weights in every fused forward (derive_bias), so no route new
+        weights take -- load_state_dict, writes through .data, inference mode, .half() -- can leave it stale;
+    low-rank: factors (q_bias, k_bias), each (H, N, R), from a rank rule (``rule``) or a factor-file record
+        (``record``), made for the weights in ``stamp``. Every fused forward compares the weights with the stamp
+        (one small comparison and a host sync per layer); when they differ, a rule decomposes again and a file's
+        record is checked again: its checksum must still match, else ValueError naming the layer.
+    """
+
+    def __init__(self, name="WindowAttention", rule=None, record=None, source=None):
+        self.name = name  # qualified name in the model, for messages
+        self.rule = rule  # keyword arguments of low_rank_bias_factors, or None
+        self.record = record  # flash_bias_factors.LayerFactors with factors, or None
+        self.source = source  # the rule's text or the factor file, for messages
+        self.accepted_checksums = {record.checksum} if record is not None and record.checksum else set()
+        self.stamp = None
+        self.factors = None  # (q_bias, k_bias) float32 on the weights' device; None: exact
+        self.factors_by_dtype = {}  # the same as kernel operands, per dtype
+        self.max_logit_error = None  # of the factors, against the bias of the stamped weights
+
+    @property
+    def low_rank(self):
+        return self.rule is not None or self.record is not None
+
+    def operands(self, attn, qkv):
+        """The bias keyword arguments of flash_bias_attention for attn and this qkv."""
+        kernel = qkv.is_cuda and qkv.dtype != torch.float64
+        if torch.is_grad_enabled() and any(t.requires_grad for t in attn.bias_weights().values()):
+            # training: the exact bias in float32 (its gradient reaches the bias weights as the official math's
+            # does); low-rank factors carry no gradient
+            return {"bias": attn.derive_bias(dtype=torch.float32, requires_grad=True)}
+        if self.low_rank:
+            if self.stamp is None or not self.stamp.matches(attn):
+                self.prepare(attn)
+            if self.factors is not None:
+                dtype = qkv.dtype if kernel else torch.float32
+                if dtype not in self.factors_by_dtype:
+                    self.factors_by_dtype[dtype] = tuple(f.to(dtype).contiguous() for f in self.factors)
+                return {"bias_factors": self.factors_by_dtype[dtype]}
+        # for the kernel float16 with centred rows: half the bias reads, half the rounding
+        return {"bias": attn.derive_bias(center_rows=kernel, dtype=torch.float16 if kernel else torch.float32)}
+
+    def prepare(self, attn):
+        """Make the low-rank factors for attn's current weights (a rule), or check the file's (a record)."""
+        stamp, bias = WeightStamp.of(attn), attn.derive_bias()
+        if self.record is not None:
+            q_bias, k_bias = self.record.q_bias, self.record.k_bias
+            error = factor_files.logit_error(bias, q_bias.to(bias) @ k_bias.to(bias).transpose(-2, -1))[0]
+            self._check_record(attn, error)
+        else:
+            q_bias, k_bias, info = factor_files.low_rank_bias_factors(bias, **self.rule)
+            error = info["max_logit_error"]
+        self.factors = None if q_bias is None else (q_bias.to(bias.device), k_bias.to(bias.device))
+        self.factors_by_dtype = {}
+        self.max_logit_error = None if q_bias is None else error
+        self.stamp = stamp
+
+    def _check_record(self, attn, error):
+        checksum, weights = bias_checksum(attn), list(attn.bias_weights().values())
+        if checksum in self.accepted_checksums:
+            if checksum == self.record.checksum:  # the same weights rounded by .half() / .bfloat16() later: accepted
+                self.accepted_checksums |= {
+                    factor_files.weights_checksum([t.to(dt) if t.is_floating_point() else t for t in weights])
+                    for dt in (torch.float16, torch.bfloat16)}
+            return
+        rounded = any(t.dtype in (torch.float16, torch.bfloat16) for t in weights)
+        if self.record.checksum is not None and not rounded:
+            raise ValueError(
+                f"FlashBias: layer {self.name}: the bias factors from {self.source} were computed for other weights "
+                f"(checksum {self.record.checksum[:12]}..., weights now {checksum[:12]}...). Decompose the bias of "
+                f"these weights again, or remove the factor files.")
+        # no checksum (the published code's files), or weights rounded to half precision: judged by the error
+        if not error <= factor_files.PUBLISHED_MAX_LOGIT_ERROR:
+            raise ValueError(
+                f"FlashBias: layer {self.name}: the bias factors from {self.source} do not match this layer's weights "
+                f"(max logit error {error:.3g} > {factor_files.PUBLISHED_MAX_LOGIT_ERROR}); they come from other "
+                f"weights. Decompose the bias of these weights again, or remove the factor files.")
+
+    def describe(self):
+        return {"name": self.name, "mode": "exact" if self.factors is None else "low-rank",
+                "rank": None if self.factors is None else int(self.factors[0].shape[-1]),
+                "source": self.source if self.factors is not None else None, "max_logit_error": self.max_logit_error}
+
+
+class FlashBiasSettings:
+    """FlashBias: a model's settings (``set_flash_bias``, else the environment), resolved once at the first fused
+    forward: nothing is read from disk or the environment at import or construction, so a checkpoint can be loaded
+    first, as the official main.py does.
+
+    rank_rule: "exact" | "rank:R" | "energy:E" | "logit:L" (flash_bias_factors.parse_rank_rule); None:
+        $FLASHBIAS_RANK, else exact.
+    factors_path: a factor file or folder; its factors take precedence over the rank rule. None:
+        $FLASHBIAS_FACTORS_DIR (which must then hold factor files), else ./decomposed_bias of the working directory
+        if it holds factor files; False: no factor files.
+    cuda_graphs: replay the fused forward from CUDA graphs (ForwardGraphs). None: $FLASHBIAS_CUDA_GRAPHS ("0" off),
+        else on.
+    """
+
+    def __init__(self, rank_rule=None, factors_path=None, cuda_graphs=None):
+        if rank_rule is not None:
+            factor_files.parse_rank_rule(rank_rule)
+        self.rank_rule = rank_rule
+        self.factors_path = factors_path
+        self.cuda_graphs = cuda_graphs
+        self.resolved = False
+        self.layers = []  # the WindowAttention layers, once resolved
+        self.graphs = ForwardGraphs()
+
+    def replay(self, model, x):
+        """The model's output for x replayed from a CUDA graph, or None to run eagerly: graphs are on, x is on CUDA,
+        the settings are resolved (the first forward runs eagerly), every layer runs fused with the exact bias (a
+        low-rank layer's weight check needs the host), and nothing trains, needs a gradient, traces or compiles."""
+        if not (self.cuda_graphs and x.is_cuda and self.resolved) or self.graphs.capturing:
+            return None
+        if not self.layers[0].use_fused_attn(x) or tracing_or_exporting() or model.training:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+            return None
+        if torch.compiler.is_compiling() or any(attn.flash_bias.low_rank or not attn.fused_attn for attn in self.layers):
+            return None
+        return self.graphs.run(model, x)
+
+    def resolve(self, model):
+        """Give every WindowAttention of the model its bias state, all checked before any is installed, and say
+        once which bias the model runs."""
+        layers = window_attention_layers(model)
+        rule_text = self.rank_rule if self.rank_rule is not None else os.environ.get("FLASHBIAS_RANK", "exact")
+        rule = factor_files.parse_rank_rule(rule_text)
+        found = self._read_factor_file()
+        if found is not None:
+            records = _match_records(found, layers)
+            states = [LayerBias(name, record=records.get(i), source=found.path if i in records else None)
+                      for i, (name, _) in enumerate(layers)]
+        else:
+            states = [LayerBias(name, rule=rule, source=None if rule is None else f"rank rule {rule_text}")
+                      for name, _ in layers]
+        for state, (_, attn) in zip(states, layers):
+            if state.low_rank:
+                state.prepare(attn)
+        for state, (_, attn) in zip(states, layers):
+            attn.flash_bias = state
+        if self.cuda_graphs is None:
+            self.cuda_graphs = os.environ.get("FLASHBIAS_CUDA_GRAPHS", "1") != "0"
+        self.layers = [attn for _, attn in layers]
+        self.resolved = True
+        _log_bias_modes(states)
+
+    def _read_factor_file(self):
+        path = self.factors_path
+        if path is False:
+            return None
+        if path is None:
+            path = os.environ.get("FLASHBIAS_FACTORS_DIR")  # when set, it must hold factor files
+            if not path:
+                default = os.path.abspath("decomposed_bias")
+                if not os.path.isdir(default) or factor_files.find_factor_files(default) is None:
+                    return None
+                path = default
+        return factor_files.read_factor_file(os.fspath(path))
+
+
+def configure(model, rank_rule=None, factors_path=None, fused=None, cuda_graphs=None):
+    """The body of a drop-in model's ``set_flash_bias`` (see there): new FlashBiasSettings, resolved at the next
+    fused forward, and every layer exact until then."""
+    model.flash_bias_settings = FlashBiasSettings(rank_rule, factors_path, cuda_graphs)
+    for name, attn in window_attention_layers(model):
+        attn.flash_bias = LayerBias(name)
+        if fused is not None:
+            attn.fused_attn = bool(fused)
+
+
+class ForwardGraphs:
+    """FlashBias: a model's fused forward captured in CUDA graphs and replayed: one launch instead of ~500 whose
+    host time, not the GPU, bounded small batches.
+
+    One graph per (input shape, dtype, device, autocast state), captured the second time that key is seen (a
+    one-off shape, such as an eval loop's partial last batch, runs eagerly and costs no graph memory); at most
+    MAX_GRAPHS, the least recently used dropped. All share one memory pool. The input is copied into the graph's
+    buffer and the output cloned out, so a result the caller keeps is never overwritten by a later replay.
+
+    The graphs read every parameter and buffer where it was at capture: when any gets new storage (.to(),
+    .half(), a reassigned Parameter, load_state_dict(assign=True)) all graphs are dropped. In-place updates need
+    nothing: the exact bias is derived inside the graph, from the weights as they are at each replay.
+    """
+    MAX_GRAPHS = 4
+
+    def __init__(self, capture=None):
+        self.capture = capture or _capture_cuda_graph  # tests give a fake
+        self.entries = collections.OrderedDict()  # key -> (replay, static input, static output)
+        self.seen = collections.OrderedDict()  # keys seen once, not captured yet
+        self.tensors, self.tensors_version = [], None  # the model's parameters and buffers, gathered once
+        self.storage = None
+        self.pool = None
+        self.capturing = False
+
+    def run(self, model, x):
+        """model(x) from a graph, or None: run eagerly (a key seen the first time)."""
+        # walking the module tree costs ~1.7 ms at SwinV2-B (0.08 ms for the list): gather it again only when a
+        # parameter, buffer or submodule was (re)assigned anywhere; new storage of the same objects shows in data_ptr
+        if self.tensors_version != _registrations[0]:
+            self.tensors = list(itertools.chain(model.parameters(), model.buffers()))
+            self.tensors_version = _registrations[0]
+        storage = tuple((t.data_ptr(), t.dtype) for t in self.tensors)
+        if storage != self.storage:
+            self.entries.clear()
+            self.storage, self.pool = storage, None
+        key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, _autocast_state())
+        entry = self.entries.get(key)
+        if entry is None:
+            if key not in self.seen:
+                self.seen[key] = True
+                while len(self.seen) > 4 * self.MAX_GRAPHS:
+                    self.seen.popitem(last=False)
+                return None
+            entry = self._capture(model, x, key)
+        self.entries.move_to_end(key)
+        replay, static_input, static_output = entry
+        static_input.copy_(x)
+        replay()
+        return static_output.clone()
+
+    def _capture(self, model, x, key):
+        while len(self.entries) >= self.MAX_GRAPHS:
+            self.entries.popitem(last=False)
+        static_input = x.clone()
+        enabled, dtype, _ = key[-1]
+        self.capturing = True
+        try:
+            # autocast's weight-cast cache would hand the graph casts made outside it: cast inside, every replay
+            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                replay, static_output, self.pool = self.capture(lambda: model(static_input), self.pool)
+        finally:
+            self.capturing = False
+        self.entries[key] = (replay, static_input, static_output)
+        self.seen.pop(key, None)
+        return self.entries[key]
+
+
+def _capture_cuda_graph(fn, pool):
+    """(replay, output, pool) of fn captured in a torch.cuda.CUDAGraph, after one warm-up call on a side stream (Triton
+    compiles, cuBLAS allocates its workspace) as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # thread-local: a data loader's pin-memory thread may use CUDA while the main thread captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = fn()
+    return graph.replay, output, graph.pool()
+
+
+# How many parameters, buffers and submodules were assigned to any module of the process: the CUDA graphs gather
+# a model's tensors again when it moves. Process-wide hooks, as torch offers them; each costs one increment.
+_registrations = [0]
+
+
+def _count_registration(*args):
+    _registrations[0] += 1
+
+
+for _register in ("register_module_parameter_registration_hook", "register_module_buffer_registration_hook",
+                  "register_module_module_registration_hook"):
+    getattr(torch.nn.modules.module, _register)(_count_registration)
+
+
+def _autocast_state():
+    return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            torch.backends.cuda.matmul.allow_tf32)
+
+
+def _match_records(found, layers):
+    """{layer index: record with factors} of a factor file, after checking that it fits the model's layers: their
+    count, names, the weights their bias is derived from (a Swin V1 file does not fit a SwinV2 model), shapes."""
+    if found.num_layers is not None and found.num_layers != len(layers):
+        raise factor_files.FactorFileError(f"FlashBias: {found.path} has {found.num_layers} layers, the model "
+                                           f"{len(layers)}")
+    matched = {}
+    for i, record in found.layers.items():
+        if i >= len(layers):
+            raise factor_files.FactorFileError(f"FlashBias: {found.path}: factors for layer {i}, but the model has "
+                                               f"{len(layers)} layers")
+        name, attn = layers[i]
+        if record.name is not None and record.name != name:
+            raise factor_files.FactorFileError(f"FlashBias: {found.path}: layer {i} is {record.name!r}, the model's "
+                                               f"is {name!r}")
+        own = tuple(attn.bias_weights())
+        if record.bias_weights != own:
+            raise factor_files.FactorFileError(
+                f"FlashBias: {found.path}: layer {i} ({name}): the factors are of a "
+                f"{factor_files.describe_bias_weights(record.bias_weights)}, this layer's bias is a "
+                f"{factor_files.describe_bias_weights(own)}: factors of one model family do not fit the other")
+        if record.q_bias is None:
+            continue
+        heads, tokens = attn.num_heads, attn.window_size[0] * attn.window_size[1]
+        if tuple(record.q_bias.shape[:2]) != (heads, tokens):
+            raise factor_files.FactorFileError(
+                f"FlashBias: {found.path}: layer {i} ({name}): q_bias has shape {tuple(record.q_bias.shape)}, "
+                f"expected ({heads}, {tokens}, R)")
+        matched[i] = record
+    return matched
+
+
+def _log_bias_modes(states):
+    low = [s for s in states if s.factors is not None]
+    if not low:
+        _log(f"FlashBias: exact bias in all {len(states)} attention layers")
+        return
+    ranks = [s.factors[0].shape[-1] for s in low]
+    worst = max(low, key=lambda s: s.max_logit_error)
+    message = (f"FlashBias: low-rank bias factors from {worst.source} in {len(low)} of {len(states)} attention "
+               f"layers (rank {min(ranks)}-{max(ranks)})"
+               + (f", the exact bias in the other {len(states) - len(low)}" if len(low) < len(states) else "")
+               + f"; worst logit error {worst.max_logit_error:.3g} in {worst.name}")
+    if worst.max_logit_error > factor_files.LARGE_LOGIT_ERROR:
+        _log(message + f" (above {factor_files.LARGE_LOGIT_ERROR}: outputs will differ visibly from the exact "
+             f"model; decompose with scripts/decompose_bias.py --max-logit-error, or run exact: FLASHBIAS_RANK=exact "
+             f"and no factor files)", logging.WARNING)
+    else:
+        _log(message)
+
+
+def _unwrap(model):
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def window_attention_layers(model):
+    """[(qualified name, WindowAttention)] of a drop-in model in construction order (DDP / torch.compile wrappers
+    removed): the modules with a bias state (flash_bias) and bias_weights()."""
+    return [(name, m) for name, m in _unwrap(model).named_modules()
+            if hasattr(m, "flash_bias") and callable(getattr(m, "bias_weights", None))]
+
+
+def flash_bias_summary(model):
+    """Per attention layer: {"name", "mode": "exact" | "low-rank", "rank", "source", "max_logit_error"}
+    (the model's settings are resolved first if no fused forward has done it yet)."""
+    inner = _unwrap(model)
+    settings = getattr(inner, "flash_bias_settings", None)
+    if settings is not None and not settings.resolved:
+        settings.resolve(inner)
+    return [attn.flash_bias.describe() for _, attn in window_attention_layers(inner)]
+
+
+def load_bias_factors(model, path=None):
+    """Load FlashBias factor files into the model's WindowAttention layers and use them from now on.
+
+    path: a bias_factors.npz file or a folder holding it (or the published FlashBias code's
+    swin_v2_*_{q,k}_bias_<i>.npy files); None: $FLASHBIAS_FACTORS_DIR, else ./decomposed_bias. Everything is checked
+    against the model's current weights (format, layer count, names, model family, shapes, values, checksums; the
+    published naming by its logit error) before anything is installed: a mismatch raises ValueError naming the file
+    and the layer. Layers without factors use the exact bias. Returns {layer_index: (q_bias, k_bias)}."""
+    inner = _unwrap(model)
+    if path is None:
+        path = os.environ.get("FLASHBIAS_FACTORS_DIR") or os.path.abspath("decomposed_bias")
+    settings = FlashBiasSettings("exact", os.fspath(path))
+    settings.resolve(inner)
+    if hasattr(inner, "flash_bias_settings"):
+        inner.flash_bias_settings = settings
+    layers = window_attention_layers(inner)
+    return {i: attn.flash_bias.factors for i, (_, attn) in enumerate(layers) if attn.flash_bias.factors is not None}
+
+
+def save_bias_factors(path, model, factors, meta=None):
+    """Write a FlashBias factor file (flash_bias_factors.write_factor_file) for the model's current weights.
+
+    path: a .npz file, or a folder (created) that gets bias_factors.npz. factors: {layer_index: (q_bias, k_bias)},
+    each (H, N, R), indices as in window_attention_layers(model); absent layers stay exact. Returns the file."""
+    layers = window_attention_layers(model)
+    unknown = set(factors) - set(range(len(layers)))
+    if unknown:
+        raise ValueError(f"FlashBias: factors for layers {sorted(unknown)}, the model has {len(layers)}")
+    records = []
+    for i, (name, attn) in enumerate(layers):
+        q_bias, k_bias = factors.get(i, (None, None))
+        expected = (attn.num_heads, attn.window_size[0] * attn.window_size[1])
+        if q_bias is not None and tuple(q_bias.shape[:2]) != expected:
+            raise ValueError(f"FlashBias: layer {i} ({name}): q_bias has shape {tuple(q_bias.shape)}, expected "
+                             f"({expected[0]}, {expected[1]}, R)")
+        records.append(factor_files.LayerFactors(i, name, bias_checksum(attn), q_bias, k_bias,
+                                                 bias_weights=tuple(attn.bias_weights())))
+    return factor_files.write_factor_file(path, records, meta)
