@@ -322,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(GPU_MODELS),
                    help=f"comma list of registered configs (default {','.join(GPU_MODELS)}; any of "
-                        f"{', '.join(config_names())})")
+                        f"{', '.join(config_names('swinv2'))})")
     p.add_argument("--dtypes", default="fp16,bf16", help="comma list of fp16, bf16, fp32 (no autocast)")
     p.add_argument("--batch", type=int, default=None, help="images per batch (default 64; 2 on the CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches before timing (>= 1)")
@@ -359,9 +359,9 @@ def make_plan(args) -> Plan:
         log("no CUDA device: running the CPU smoke test (fp32, wall-clock timing)")
     models = [CPU_MODEL] if cpu else [m.strip() for m in args.models.split(",") if m.strip()]
     dtypes = ["fp32"] if cpu else [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    bad = [m for m in models if m not in config_names()] + [d for d in dtypes if d not in DTYPES]
+    bad = [m for m in models if m not in config_names("swinv2")] + [d for d in dtypes if d not in DTYPES]
     if bad or not models or not dtypes:
-        raise UserError(f"unknown or missing --models/--dtypes {bad}; models: {', '.join(config_names())}, "
+        raise UserError(f"unknown or missing --models/--dtypes {bad}; models: {', '.join(config_names('swinv2'))}, "
                         f"dtypes: {', '.join(DTYPES)}")
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     for rule in rules:

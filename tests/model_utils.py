@@ -53,7 +53,7 @@ def images(n: int = 4, size: int = 64, seed: int = 1) -> torch.Tensor:
 
 
 class FakeCapture:
-    """Stands for swin_transformer_v2._capture_cuda_graph on the CPU: counts captures; a replay runs the captured
+    """Stands for flash_bias_runtime._capture_cuda_graph on the CPU: counts captures; a replay runs the captured
     function again into the same output tensor, as a graph replay writes its static output."""
 
     def __init__(self):
