@@ -28,10 +28,12 @@ except:
     print("[Warning] Fused window process have not been installed. Please refer to get_started.md for installation.")
 
 try:  # FlashBias: inside the official `models` package, or as top-level modules
-    from .flash_bias_triton import add_layer_norm, bias_from_table, flash_bias_attention, tracing_or_exporting
+    from .flash_bias_triton import (add_layer_norm, bias_from_table, flash_bias_attention, mlp_forward,
+                                    tracing_or_exporting)
     from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 except ImportError:
-    from flash_bias_triton import add_layer_norm, bias_from_table, flash_bias_attention, tracing_or_exporting
+    from flash_bias_triton import (add_layer_norm, bias_from_table, flash_bias_attention, mlp_forward,
+                                   tracing_or_exporting)
     from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 
 
@@ -373,7 +375,7 @@ class SwinTransformerBlock(nn.Module):
         attn = self.attn.forward_fused(x_normed, image_size=self.input_resolution, shift_size=self.shift_size,
                                        region_ids=self.region_ids)
         x, x_normed = add_layer_norm(x, attn, self.norm2)
-        mlp = self.mlp(x_normed)
+        mlp = mlp_forward(self.mlp, x_normed)
         if next_norm is None:
             return x + mlp, None
         return add_layer_norm(x, mlp, next_norm)

@@ -22,11 +22,11 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
 import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as top-level modules
-    from .flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, residual_layer_norm,
+    from .flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, mlp_forward, residual_layer_norm,
                                     tracing_or_exporting)
     from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 except ImportError:
-    from flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, residual_layer_norm,
+    from flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, mlp_forward, residual_layer_norm,
                                    tracing_or_exporting)
     from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 
@@ -350,7 +350,7 @@ class SwinTransformerBlock(nn.Module):
         assert L == H * W, "input feature has wrong size"
 
         if self.attn.use_fused_attn(x):  # FlashBias: inference on the fused kernels
-            return self.forward_fused(x)
+            return self.forward_fused(x)[0]
 
         shortcut = x
         x = x.view(B, H, W, C)
@@ -385,17 +385,23 @@ class SwinTransformerBlock(nn.Module):
 
         return x
 
-    def forward_fused(self, x):
+    def forward_fused(self, x, x_low=None):
         """FlashBias: the block on the fused kernels (training: see below). The attention kernel does the cyclic shift, the window partition /
         reverse and the shift mask itself; each residual + res-post-norm is one pass (drop path is the identity at
-        inference), which under autocast also writes the half-precision copy the next matmul reads."""
-        attn = self.attn.forward_fused(x, image_size=self.input_resolution, shift_size=self.shift_size,
-                                       region_ids=self.region_ids)
+        inference), which under autocast also writes the half-precision copy the next matmul reads.
+
+        Args:
+            x: (B, H*W, C) the block's input; x_low: x in the autocast dtype when the previous block wrote it, else None
+        Returns:
+            (output, output in the autocast dtype, or None)
+        """
+        attn = self.attn.forward_fused(x if x_low is None else x_low, image_size=self.input_resolution,
+                                       shift_size=self.shift_size, region_ids=self.region_ids)
         if self.training:  # drop path is random in training: the official residual steps around the fused attention
             x = x + self.drop_path(self.norm1(attn))
-            return x + self.drop_path(self.norm2(self.mlp(x)))
+            return x + self.drop_path(self.norm2(self.mlp(x))), None
         x, x_low = residual_layer_norm(x, attn, self.norm1)
-        return residual_layer_norm(x, self.mlp(x if x_low is None else x_low), self.norm2)[0]
+        return residual_layer_norm(x, mlp_forward(self.mlp, x if x_low is None else x_low), self.norm2)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, " \
@@ -516,6 +522,8 @@ class BasicLayer(nn.Module):
             self.downsample = None
 
     def forward(self, x):
+        if not self.training and all(blk.attn.use_fused_attn(x) for blk in self.blocks):  # FlashBias: blocks chained
+            return self.forward_fused(x)
         for blk in self.blocks:
             if self.use_checkpoint:
                 x = checkpoint.checkpoint(blk, x)
@@ -523,6 +531,17 @@ class BasicLayer(nn.Module):
                 x = blk(x)
         if self.downsample is not None:
             x = self.downsample(x)
+        return x
+
+    def forward_fused(self, x):
+        """FlashBias: the blocks at inference, each handing the next the half-precision copy of its output that its last
+        residual + LayerNorm pass wrote under autocast (the qkv matmul's input: no cast kernel), then the downsample,
+        which gathers from that copy too (its matmul reads half precision under autocast anyway: same result)."""
+        x_low = None
+        for blk in self.blocks:
+            x, x_low = blk.forward_fused(x, x_low)
+        if self.downsample is not None:
+            x = self.downsample(x if x_low is None else x_low)
         return x
 
     def extra_repr(self) -> str:

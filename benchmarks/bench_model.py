@@ -169,15 +169,42 @@ def _evt_time(evt, kind):
     return 0.0
 
 
-@torch.no_grad()
-def profile(model, x, device, dtype, batches=3, top=25):
+# Where GPU time goes, by part of the model: (part, pattern on the kernel name); the first match wins.
+KERNEL_PARTS = (
+    ("attention backward", r"_flash_bias_bwd|_flash_bias_dbias|attention_backward|fmha.*bwd"),
+    ("attention", r"_flash_bias_fwd|fmha|flash_fwd|attention|softmax"),
+    ("bias derivation", r"_bias_from_table|_cpb_table|sigmoid"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|ampere_|cublas"),
+    ("residual + LayerNorm", r"layer_norm|layernorm"),
+    ("GELU", r"gelu"),
+    ("optimizer", r"adam|multi_tensor|foreach|amp_update|unscale"),
+    ("casts and copies", r"copy|cast|convert|to_copy|cat_|CatArray"),
+    ("reductions", r"reduce|norm_kernel|sum_"),
+)
+
+
+def kernel_parts(kernels, time_of):
+    """[(part, total us, share, kernels)] of profiler kernel events, grouped by KERNEL_PARTS (rest: "other")."""
+    totals = {}
+    for e in kernels:
+        part = next((p for p, pattern in KERNEL_PARTS if re.search(pattern, e.key, re.IGNORECASE)), "other")
+        t, n = totals.get(part, (0.0, 0))
+        totals[part] = (t + time_of(e), n + e.count)
+    whole = sum(t for t, _ in totals.values()) or 1.0
+    return sorted(((p, t, t / whole, n) for p, (t, n) in totals.items()), key=lambda r: -r[1])
+
+
+def profile(model, x, device, dtype, batches=3, top=25, step=None):
+    """Print and return the top kernels of ``batches`` calls of step() (default: an eval forward of x), and a table
+    of their time by part of the model (KERNEL_PARTS), per call."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    forward(model, x, device, dtype)
+    step = step or (lambda: forward(model, x, device, dtype))
+    step()
     sync(device)
     with torch_profile(activities=activities) as prof:
         for _ in range(batches):
-            forward(model, x, device, dtype)
+            step()
         sync(device)
     averages = prof.key_averages()
     if device.type == "cuda":
@@ -188,6 +215,8 @@ def profile(model, x, device, dtype, batches=3, top=25):
         if not kernels:  # older profilers: self device time marks the kernels
             kernels = [e for e in averages if float(getattr(e, "self_device_time_total",
                                                             getattr(e, "self_cuda_time_total", 0)) or 0) > 0]
+        # user annotations on the GPU timeline ("Optimizer.step#AdamW.step") span kernels already counted
+        kernels = [e for e in kernels if not e.key.startswith(("Optimizer.", "ProfilerStep"))]
         kind = "cuda"
     else:
         kernels = list(averages)
@@ -204,6 +233,11 @@ def profile(model, x, device, dtype, batches=3, top=25):
         line = f"{t / 1e3:10.2f} {100 * t / total:6.1f} {e.count:7d} {t / max(e.count, 1):9.1f}  {name}"
         lines.append(line)
         log(line)
+    lines.append(f"| part | ms per call | share | kernels per call |")
+    lines.append("|---|---:|---:|---:|")
+    for part, t, share, n in kernel_parts(kernels, lambda e: _evt_time(e, kind)):
+        lines.append(f"| {part} | {t / 1e3 / batches:.2f} | {100 * share:.0f}% | {n / batches:.0f} |")
+    log("\n".join(lines[-(len(lines) - top):]) if len(lines) > top else "")
     # the profiler's own table as well, sorted under whichever name this torch version uses
     for sort_by in (("device_time_total", "cuda_time_total") if kind == "cuda" else ("cpu_time_total",)):
         try:

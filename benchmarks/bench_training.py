@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One fine-tuning step, the official math against the drop-in's fused training path.
 
-    python benchmarks/bench_training.py [--cases b384:16,t256:128] [--iters 20] [--out FILE.md]
+    python benchmarks/bench_training.py [--cases b384:16,t256:128] [--iters 20] [--out FILE.md] [--profile]
 
 A step is what the official main.py's train_one_epoch does: forward under fp16 autocast, cross-entropy,
 GradScaler backward, AdamW step, zero_grad; drop path 0.2; trained-like weights
@@ -14,6 +14,7 @@ Each row gives the median step time (synchronised, after warm-up), the peak memo
 one step of each from the same weights with drop path off, the loss and the relative L2 error of every
 parameter's gradient against the official math in float32, for the official math and the drop-in under autocast
 (the largest over parameters, and cpb_mlp's and logit_scale's).
+``--profile`` instead prints each case's kernels by part of the model (torch.profiler over 3 steps), official and drop-in.
 Without CUDA it runs the tiny test config on the CPU to show the script works; the numbers mean nothing.
 """
 import argparse
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 from swin_config import (REPO_ROOT, UserError, import_dropin, load_config, model_kwargs, rel_l2,  # noqa: E402
                          run_main, smooth_images, trained_like_)
-from bench_model import device_slug, sync  # noqa: E402
+from bench_model import device_slug, profile, sync  # noqa: E402
 
 
 def make_model(key, device, drop_path, seed=0):
@@ -69,6 +70,18 @@ def step_ms(model, x, y, device, iters):
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return statistics.median(times), peak
+
+
+def profile_steps(key, batch, device, fused=True):
+    """The kernels of a fine-tuning step (official math or drop-in) by part of the model (bench_model.profile)."""
+    cfg, model = make_model(key, device, drop_path=0.2)
+    model.set_flash_bias(fused=fused)
+    x = smooth_images(batch, cfg.DATA.IMG_SIZE, seed=1).to(device)
+    y = torch.randint(0, cfg.MODEL.NUM_CLASSES, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    print(f"\nprofile of a {'drop-in' if fused else 'official'} training step, {key} batch {batch}:")
+    return profile(model, x, device, None, step=lambda: train_step(model, opt, scaler, x, y, device))
 
 
 def gradients(model, x, y, device, autocast=True):
@@ -147,6 +160,7 @@ def main(argv=None):
     p.add_argument("--cases", default="b384:16,t256:128", help="MODEL:BATCH,... (registered configs)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="markdown table (default benchmarks/training_<device>.md on a GPU)")
+    p.add_argument("--profile", action="store_true", help="only profile one step of each case, official and drop-in")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -155,6 +169,11 @@ def main(argv=None):
             else [("test_mini", 2)]
     except ValueError:
         raise UserError(f"--cases takes MODEL:BATCH pairs, e.g. b384:16,t256:128; got {args.cases!r}") from None
+    if args.profile:
+        for key, batch in cases:
+            for fused in (False, True):
+                profile_steps(key, batch, device, fused)
+        return 0
     rows = []
     for key, batch in cases:
         rows.append(measure_case(key, batch, args.iters if cuda else 2, device))

@@ -518,6 +518,35 @@ def test_bias_from_table_gradient_reaches_the_table():
     assert table.grad is not None and rel_err(table.grad, table64.grad) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(7, 7), (12, 12), "rectangular"])
+@pytest.mark.parametrize("sigmoid_scale", [16.0, None])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_bias_from_table_kernel_backward(shape, sigmoid_scale, out_dtype):
+    """The kernel path's backward (training): d table against float64 autograd of the definition."""
+    g = fresh_generator()
+    H = 3
+    if shape == "rectangular":
+        T = 100
+        index = torch.randint(0, T, (40, 72), generator=g, dtype=torch.int32)
+    else:
+        index, T = relative_position_index(*shape)
+    table = (2 * torch.randn(T, H + 2, generator=g))[:, 1:H + 1].to(DEVICE).requires_grad_(True)
+    table64 = table.detach().double().requires_grad_(True)
+    index = index.to(DEVICE)
+    weight = torch.randn(H, *index.shape, generator=g).to(DEVICE)
+    out = fb.bias_from_table(table, index, sigmoid_scale=sigmoid_scale, out_dtype=out_dtype, backend="triton")
+    assert out.grad_fn is not None and "BiasFromTable" in type(out.grad_fn).__name__
+    (out.float() * weight).sum().backward()
+    (bias_from_table64(table64, index, sigmoid_scale, False) * weight.double()).sum().backward()
+    assert rel_err(table.grad, table64.grad) < (2e-3 if out_dtype == torch.float16 else 1e-5)
+
+
+def test_bias_from_table_kernel_has_no_backward_with_center_rows():
+    table, index = table_case()
+    with pytest.raises(RuntimeError, match="no backward pass with center_rows"):
+        fb.bias_from_table(table.requires_grad_(True), index, center_rows=True, backend="triton")
+
+
 def test_bias_from_table_out_of_range_index_gives_nan_on_the_kernel_path():
     table, index = table_case()
     index = index.clone()

@@ -741,3 +741,13 @@ def test_torch_compile_has_no_graph_breaks():
         model(x)  # settings resolved, as after main.py's first batch
         explained = torch._dynamo.explain(model)(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_mlp_forward_is_the_mlp_on_the_cpu():
+    """Where cuBLASLt's GELU epilogue does not apply (here: the CPU) mlp_forward is mlp(x) itself."""
+    import flash_bias_triton as fb
+    torch.manual_seed(0)
+    mlp = swin.Mlp(8, 32).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(fb.mlp_forward(mlp, x), mlp(x))

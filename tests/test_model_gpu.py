@@ -204,3 +204,35 @@ def test_training_runs_the_backward_kernel_with_the_official_gradients(monkeypat
 def test_training_with_attention_dropout_takes_the_official_math():
     model = make_model(TINY, attn_drop_rate=0.1).cuda().train()
     assert not model.layers[0].blocks[0].attn.use_fused_attn(images(1, 64).cuda())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mlp_gelu_epilogue_within_the_official_precision(dtype):
+    """fc1's GELU epilogue (tanh approximation) is as close to float32 erf GELU as the official Mlp under autocast,
+    at a SwinV2-B/384 stage-1 shape; a missing GELU fails the same check."""
+    import flash_bias_triton as fb
+    torch.manual_seed(0)
+    mlp = swin.Mlp(128, 512).cuda().eval()
+    x = torch.randn(64 * 48, 128, device="cuda")
+    with torch.no_grad():
+        reference = mlp(x.double().float())
+        with torch.autocast("cuda", dtype=dtype):
+            official, fused = mlp(x).float(), fb.mlp_forward(mlp, x).float()
+            original = torch._addmm_activation
+            torch._addmm_activation = lambda *a, **k: original(*a, **dict(k, use_gelu=False))
+            try:
+                broken = fb.mlp_forward(mlp, x).float()
+            finally:
+                torch._addmm_activation = original
+    noise = rel_l2(official, reference)
+    assert rel_l2(fused, reference) <= 1.5 * noise, (rel_l2(fused, reference), noise)
+    assert rel_l2(broken, reference) > 10 * noise
+
+
+def test_model_runs_the_gelu_epilogue(monkeypatch):
+    calls = []
+    original = swin.mlp_forward
+    monkeypatch.setattr(swin, "mlp_forward", lambda mlp, x: calls.append(x.dtype) or original(mlp, x))
+    model = make_model(TINY).cuda()
+    _logits(model, images(2, 64).cuda(), torch.float16)
+    assert calls and set(calls) == {torch.float16}, "the blocks did not hand the MLP its half-precision input"
