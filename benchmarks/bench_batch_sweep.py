@@ -20,8 +20,6 @@ Wall ms: the median of ``--iters`` forwards, each synchronised before and after 
 Without CUDA it runs the tiny test config on the CPU to show the script works; the numbers mean nothing.
 """
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -30,8 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-from swin_config import REPO_ROOT, UserError, build_model, load_config, run_main, smooth_images, trained_like_  # noqa: E402
-from bench_model import device_slug, sync  # noqa: E402
+from swin_config import UserError, build_model, load_config, run_main, smooth_images, trained_like_  # noqa: E402
+from bench_model import default_table_path, script_run_meta, sync, write_table  # noqa: E402
 
 
 def wall_ms(fn, device, iters):
@@ -135,22 +133,19 @@ def format_row(row):
     return " | ".join(f"{k}={fmt(row.get(k), spec) if spec else row.get(k)}" for k, spec in COLUMNS if k in row)
 
 
-def write_markdown(path, meta, rows):
+def write_report(path, meta, rows):
+    """``path``: the markdown table of ``rows`` with speed-ups, and its JSON twin (bench_model.write_table)."""
     head = [k for k, _ in COLUMNS if any(k in r for r in rows)]
-    lines = [f"# Batch-size sweep: {meta['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}; `{meta['command']}`; fp16 autocast, eval, no_grad, trained-like weights. "
+    notes = (f"torch {meta['torch']}; `{meta['command']}`; fp16 autocast, eval, no_grad, trained-like weights. "
              "ms = median wall time per forward (synchronised); host ms = time to issue one forward from an idle "
              "GPU; GPU ms = the sum of the forward's kernel times (torch.profiler); graph = the drop-in's CUDA graph "
-             "replay; speed-ups in the last columns are against the official file in this run.", "",
-             "| " + " | ".join(head) + " | eager speed-up | graph speed-up |",
-             "|" + "---|" * (len(head) + 2)]
+             "replay; speed-ups in the last columns are against the official file in this run.")
+    cells = []
     for r in rows:
-        cells = [fmt(r.get(k), spec) if spec and r.get(k) is not None else str(r.get(k, "—")) for k, spec in COLUMNS
-                 if k in head]
-        cells += [f"{r['official_ms'] / r['eager_ms']:.1f}x", f"{r['official_ms'] / r['graph_ms']:.1f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        cells.append([fmt(r.get(k), spec) if spec and r.get(k) is not None else str(r.get(k, "—"))
+                      for k, spec in COLUMNS if k in head]
+                     + [f"{r['official_ms'] / r['eager_ms']:.1f}x", f"{r['official_ms'] / r['graph_ms']:.1f}x"])
+    write_table(path, "Batch-size sweep", meta, notes, head + ["eager speed-up", "graph speed-up"], cells, rows)
 
 
 def main(argv=None):
@@ -172,15 +167,8 @@ def main(argv=None):
     rows = []
     for key in models:
         rows += measure_model(key, batches, key in compiled, args.iters if cuda else 2, device)
-    name = torch.cuda.get_device_name() if cuda else "CPU"
-    meta = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "command": "python benchmarks/bench_batch_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = args.out or (os.path.join(REPO_ROOT, "benchmarks", f"batch_sweep_{device_slug(name)}.md") if cuda else None)
-    if out:
-        write_markdown(out, meta, rows)
-        with open(os.path.splitext(out)[0] + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print("wrote", out)
+    meta = script_run_meta("bench_batch_sweep.py", argv)
+    write_report(args.out or default_table_path("batch_sweep", meta), meta, rows)
     return 0
 
 

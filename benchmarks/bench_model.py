@@ -256,6 +256,36 @@ def device_slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
+def script_run_meta(script, argv):
+    """{device, date, torch, command} of one run of ``benchmarks/<script>`` (bench_training, bench_batch_sweep)."""
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+
+def default_table_path(prefix, meta):
+    """``benchmarks/<prefix>_<device>.md`` on a GPU; None on the CPU, whose smoke-test numbers mean nothing."""
+    if not torch.cuda.is_available():
+        return None
+    return os.path.join(ROOT, "benchmarks", f"{prefix}_{device_slug(meta['device'])}.md")
+
+
+def write_table(path, title, meta, notes, head, cells, rows):
+    """Write ``path`` (markdown: "# title: device, date", the ``notes`` paragraph, a table of ``head`` column
+    names over ``cells``, one list of strings a row) and its ``.json`` twin {"meta": meta, "rows": rows}.
+    ``path`` None (the CPU smoke test without --out): nothing is written."""
+    if path is None:
+        return
+    lines = [f"# {title}: {meta['device']}, {meta['date']}", "", notes, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print("wrote", path)
+
+
 TABLE_HEAD = ("| Model | Precision | Method | ms / batch | Speed-up vs official | Peak GB | Images / s "
               "| Logit rel. L2 vs official | Top-1 agreement | Rel. L2 vs fp32 official | Notes |\n"
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")

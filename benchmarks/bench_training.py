@@ -14,12 +14,11 @@ Each row gives the median step time (synchronised, after warm-up), the peak memo
 one step of each from the same weights with drop path off, the loss and the relative L2 error of every
 parameter's gradient against the official math in float32, for the official math and the drop-in under autocast
 (the largest over parameters, and cpb_mlp's and logit_scale's).
-``--profile`` instead prints each case's kernels by part of the model (torch.profiler over 3 steps), official and drop-in.
+``--profile`` instead prints each case's kernels by part of the model (torch.profiler over 3 steps), official
+and drop-in.
 Without CUDA it runs the tiny test config on the CPU to show the script works; the numbers mean nothing.
 """
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from swin_config import (REPO_ROOT, UserError, import_dropin, load_config, model_kwargs, rel_l2,  # noqa: E402
+from swin_config import (UserError, import_dropin, load_config, model_kwargs, rel_l2,  # noqa: E402
                          run_main, smooth_images, trained_like_)
-from bench_model import device_slug, profile, sync  # noqa: E402
+from bench_model import default_table_path, profile, script_run_meta, sync, write_table  # noqa: E402
 
 
 def make_model(key, device, drop_path, seed=0):
@@ -141,18 +140,16 @@ def fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
-def write_markdown(path, meta, rows):
-    lines = [f"# Training step: {meta['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}; `{meta['command']}`. One step = forward (fp16 autocast), cross-entropy, "
+def write_report(path, meta, rows):
+    """``path``: the markdown table of ``rows``, and its JSON twin (bench_model.write_table)."""
+    notes = (f"torch {meta['torch']}; `{meta['command']}`. One step = forward (fp16 autocast), cross-entropy, "
              "GradScaler backward, AdamW, zero_grad; drop path 0.2; trained-like weights. ms = median of synchronised "
              "steps after warm-up; peak = max allocated during the timed steps. Gradient columns: one step from the "
              "same weights and batch with drop path off, relative L2 against the official math's float32 gradients "
              "(no autocast) of the official math and of the drop-in, both under fp16 autocast (the worst parameter, "
-             "and the worst of cpb_mlp's and of logit_scale's).", "",
-             "| " + " | ".join(k for k, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(k), s) for k, s in COLUMNS) + " |" for r in rows]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+             "and the worst of cpb_mlp's and of logit_scale's).")
+    cells = [[fmt(r.get(k), s) for k, s in COLUMNS] for r in rows]
+    write_table(path, "Training step", meta, notes, [k for k, _ in COLUMNS], cells, rows)
 
 
 def main(argv=None):
@@ -178,15 +175,8 @@ def main(argv=None):
     for key, batch in cases:
         rows.append(measure_case(key, batch, args.iters if cuda else 2, device))
         print(" | ".join(f"{k}={fmt(rows[-1].get(k), s)}" for k, s in COLUMNS), flush=True)
-    name = torch.cuda.get_device_name() if cuda else "CPU"
-    meta = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "command": "python benchmarks/bench_training.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = args.out or (os.path.join(REPO_ROOT, "benchmarks", f"training_{device_slug(name)}.md") if cuda else None)
-    if out:
-        write_markdown(out, meta, rows)
-        with open(os.path.splitext(out)[0] + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print("wrote", out)
+    meta = script_run_meta("bench_training.py", argv)
+    write_report(args.out or default_table_path("training", meta), meta, rows)
     return 0
 
 

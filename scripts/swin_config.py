@@ -64,6 +64,25 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
+def _backbone_defaults(**own) -> CfgNode:
+    """The official defaults of MODEL.SWINV2 or MODEL.SWIN: the keys both share, plus ``own`` (a fresh node
+    and fresh lists each call, so that editing one config's lists leaves the other's alone)."""
+    node = CfgNode()
+    node.PATCH_SIZE = 4
+    node.IN_CHANS = 3
+    node.EMBED_DIM = 96
+    node.DEPTHS = [2, 2, 6, 2]
+    node.NUM_HEADS = [3, 6, 12, 24]
+    node.WINDOW_SIZE = 7
+    node.MLP_RATIO = 4.0
+    node.QKV_BIAS = True
+    node.APE = False
+    node.PATCH_NORM = True
+    for key, value in own.items():
+        setattr(node, key, value)
+    return node
+
+
 def default_config() -> CfgNode:
     """The official defaults of the keys that building a SwinV2 or a Swin V1 (and evaluating it) reads.
     Other keys of a yaml file (TRAIN, AUG, ...) are accepted and ignored."""
@@ -77,30 +96,8 @@ def default_config() -> CfgNode:
     cfg.MODEL.NUM_CLASSES = 1000
     cfg.MODEL.DROP_RATE = 0.0
     cfg.MODEL.DROP_PATH_RATE = 0.1
-    s = cfg.MODEL.SWINV2 = CfgNode()
-    s.PATCH_SIZE = 4
-    s.IN_CHANS = 3
-    s.EMBED_DIM = 96
-    s.DEPTHS = [2, 2, 6, 2]
-    s.NUM_HEADS = [3, 6, 12, 24]
-    s.WINDOW_SIZE = 7
-    s.MLP_RATIO = 4.0
-    s.QKV_BIAS = True
-    s.APE = False
-    s.PATCH_NORM = True
-    s.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
-    v1 = cfg.MODEL.SWIN = CfgNode()
-    v1.PATCH_SIZE = 4
-    v1.IN_CHANS = 3
-    v1.EMBED_DIM = 96
-    v1.DEPTHS = [2, 2, 6, 2]
-    v1.NUM_HEADS = [3, 6, 12, 24]
-    v1.WINDOW_SIZE = 7
-    v1.MLP_RATIO = 4.0
-    v1.QKV_BIAS = True
-    v1.QK_SCALE = None
-    v1.APE = False
-    v1.PATCH_NORM = True
+    cfg.MODEL.SWINV2 = _backbone_defaults(PRETRAINED_WINDOW_SIZES=[0, 0, 0, 0])
+    cfg.MODEL.SWIN = _backbone_defaults(QK_SCALE=None)
     cfg.TEST = CfgNode()
     cfg.TEST.CROP = True
     cfg.set_new_allowed(True)
