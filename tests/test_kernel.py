@@ -473,13 +473,8 @@ def bias_from_table64(table, index, sigmoid_scale, center_rows):
 BIAS_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-@pytest.mark.parametrize("shape", [(7, 7), (8, 8), (12, 12), "rectangular"])
-@pytest.mark.parametrize("center_rows", [False, True])
-@pytest.mark.parametrize("sigmoid_scale", [16.0, None])
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_bias_from_table(shape, center_rows, sigmoid_scale, out_dtype):
-    g = fresh_generator()
-    H = 3
+def shaped_table_case(shape, g, H=3):
+    """(table (T, H), index) on DEVICE: SwinV2's index of a window shape, or a random rectangular one."""
     if shape == "rectangular":
         T = 100
         index = torch.randint(0, T, (40, 72), generator=g, dtype=torch.int32)
@@ -487,7 +482,17 @@ def test_bias_from_table(shape, center_rows, sigmoid_scale, out_dtype):
         index, T = relative_position_index(*shape)
     # a column slice of a wider tensor: the table's strides are not (H, 1)
     table = (2 * torch.randn(T, H + 2, generator=g))[:, 1:H + 1].to(DEVICE)
-    index = index.to(DEVICE)
+    return table, index.to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (8, 8), (12, 12), "rectangular"])
+@pytest.mark.parametrize("center_rows", [False, True])
+@pytest.mark.parametrize("sigmoid_scale", [16.0, None])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_bias_from_table(shape, center_rows, sigmoid_scale, out_dtype):
+    g = fresh_generator()
+    H = 3
+    table, index = shaped_table_case(shape, g, H)
     ref = bias_from_table64(table, index, sigmoid_scale, center_rows)
     for backend in ("triton", "torch"):
         out = fb.bias_from_table(table, index, sigmoid_scale=sigmoid_scale, center_rows=center_rows,
@@ -525,14 +530,9 @@ def test_bias_from_table_kernel_backward(shape, sigmoid_scale, out_dtype):
     """The kernel path's backward (training): d table against float64 autograd of the definition."""
     g = fresh_generator()
     H = 3
-    if shape == "rectangular":
-        T = 100
-        index = torch.randint(0, T, (40, 72), generator=g, dtype=torch.int32)
-    else:
-        index, T = relative_position_index(*shape)
-    table = (2 * torch.randn(T, H + 2, generator=g))[:, 1:H + 1].to(DEVICE).requires_grad_(True)
+    table, index = shaped_table_case(shape, g, H)
+    table.requires_grad_(True)
     table64 = table.detach().double().requires_grad_(True)
-    index = index.to(DEVICE)
     weight = torch.randn(H, *index.shape, generator=g).to(DEVICE)
     out = fb.bias_from_table(table, index, sigmoid_scale=sigmoid_scale, out_dtype=out_dtype, backend="triton")
     assert out.grad_fn is not None and "BiasFromTable" in type(out.grad_fn).__name__
