@@ -79,7 +79,7 @@ def profile_steps(key, batch, device, fused=True):
     y = torch.randint(0, cfg.MODEL.NUM_CLASSES, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    print(f"\nprofile of a {'drop-in' if fused else 'official'} training step, {key} batch {batch}:")
+    print(f"\nprofile of a training step, {'drop-in' if fused else 'official math'}, {key} batch {batch}:")
     return profile(model, x, device, None, step=lambda: train_step(model, opt, scaler, x, y, device))
 
 

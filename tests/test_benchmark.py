@@ -147,6 +147,23 @@ def test_profiler_time_attribute_names():
     assert bench.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_kernel_parts_groups_kernels_by_part():
+    """Kernel names go to the first matching part (the backward before the forward), the rest to "other"."""
+    bench = _load_script()
+
+    class Kernel:
+        def __init__(self, key, us, count=1):
+            self.key, self.us, self.count = key, us, count
+    kernels = [Kernel("_flash_bias_bwd", 30.0), Kernel("_flash_bias_fwd", 10.0, 2),
+               Kernel("nvjet_sm90_hsh_192x192_64x4_1x2_h_bz_coopB_gelubias_TNN", 40.0, 4),
+               Kernel("void at::native::vectorized_elementwise_kernel<8, float16_copy_kernel_cuda>", 15.0, 3),
+               Kernel("some_new_kernel", 5.0)]
+    parts = {part: (t, share, n) for part, t, share, n in bench.kernel_parts(kernels, lambda e: e.us)}
+    assert parts == {"GEMM": (40.0, 0.4, 4), "attention backward": (30.0, 0.3, 1), "casts and copies": (15.0, 0.15, 3),
+                     "attention": (10.0, 0.1, 2), "other": (5.0, 0.05, 1)}
+    assert [part for part, *_ in bench.kernel_parts(kernels, lambda e: e.us)][:2] == ["GEMM", "attention backward"]
+
+
 TRAINING_SCRIPT = os.path.join(ROOT, "benchmarks", "bench_training.py")
 CURVES_SCRIPT = os.path.join(ROOT, "benchmarks", "plot_train_curves.py")
 
@@ -159,6 +176,13 @@ def test_bench_training_cpu(tmp_path):
     assert row["model"] == "test_mini" and row["official_ms"] > 0 and row["dropin_ms"] > 0
     assert abs(row["loss_official"] - row["loss_dropin"]) < 1e-4 and row["grad_worst_dropin"] < 1e-3
     assert "| test_mini | 2 |" in out.read_text()
+
+
+def test_bench_training_profile_cpu():
+    """--profile prints each step's time by part, the official step and the drop-in's."""
+    stdout, _ = run_benchmark("--profile", script=TRAINING_SCRIPT)
+    assert "profile of a training step, official math" in stdout and "profile of a training step, drop-in" in stdout
+    assert stdout.count("| part | ms per call | share | kernels per call |") == 2
 
 
 def _train_log(path, losses, s_per_step, peak):
