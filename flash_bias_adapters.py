@@ -51,8 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flash_bias_runtime import ForwardGraphs
-from flash_bias_triton import (BACKENDS, bias_from_table, flash_bias_attention, region_mask, residual_layer_norm,
-                               shifted_window_region_ids, tracing_or_exporting)
+from flash_bias_triton import (BACKENDS, autocast_dtype, bias_from_table, flash_bias_attention, region_mask,
+                               residual_layer_norm, shifted_window_region_ids, tracing_or_exporting)
 
 __all__ = ["patch_timm", "patch_transformers", "unpatch", "is_patched"]
 
@@ -105,12 +105,6 @@ def _check_layer_norm(norm: nn.Module, where: str) -> None:
                         f"needs one): {norm!r}")
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _project_qkv(x: torch.Tensor, projections: Sequence[nn.Linear]) -> torch.Tensor:
     """(..., sum of out_features): the projections' outputs side by side, each written by one matmul into its
     column slice of a single output through ``out=``, so the kernel reads q | k | v from one tensor without the
@@ -122,7 +116,7 @@ def _project_qkv(x: torch.Tensor, projections: Sequence[nn.Linear]) -> torch.Ten
     into its slice and the GEMM adds onto it (beta = 1): one extra write and read of that slice, no weight copy.
     (The CPU path does the same.) The dtype is the input's, or autocast's, as nn.Linear would give."""
     rows = x.reshape(-1, x.shape[-1])
-    dtype = _autocast_dtype(x.device.type) if x.is_floating_point() else None
+    dtype = autocast_dtype(x.device.type) if x.is_floating_point() else None
     dtype = dtype or x.dtype
     widths = [p.out_features for p in projections]
     out = rows.new_empty((rows.shape[0], sum(widths)), dtype=dtype)

@@ -15,6 +15,7 @@ Nothing here knows how a bias is computed. A drop-in's ``WindowAttention`` takes
 and its model through ``flash_bias_settings`` (a FlashBiasSettings), replaced by :func:`configure`.
 """
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -25,10 +26,10 @@ import torch
 import torch.nn as nn
 
 try:  # inside the official `models` package, or as top-level modules
-    from .flash_bias_triton import tracing_or_exporting
+    from .flash_bias_triton import autocast_dtype, tracing_or_exporting
     from . import flash_bias_factors as factor_files
 except ImportError:
-    from flash_bias_triton import tracing_or_exporting
+    from flash_bias_triton import autocast_dtype, tracing_or_exporting
     import flash_bias_factors as factor_files
 
 __all__ = ["LayerBias", "FlashBiasSettings", "ForwardGraphs", "WeightStamp", "bias_checksum", "configure",
@@ -103,8 +104,11 @@ class LayerBias:
     def low_rank(self):
         return self.rule is not None or self.record is not None
 
-    def operands(self, attn, qkv):
-        """The bias keyword arguments of flash_bias_attention for attn and this qkv."""
+    def operands(self, attn, qkv, derived=None):
+        """The bias keyword arguments of flash_bias_attention for attn and this qkv; derived: this layer's exact bias
+        as stage_biases derived it in this forward, or None."""
+        if derived is not None:
+            return {"bias": derived}
         kernel = qkv.is_cuda and qkv.dtype != torch.float64
         if torch.is_grad_enabled() and any(t.requires_grad for t in attn.bias_weights().values()):
             # training: the exact bias in float32 (its gradient reaches the bias weights as the official math's
@@ -120,6 +124,23 @@ class LayerBias:
                 return {"bias_factors": self.factors_by_dtype[dtype]}
         # for the kernel float16 with centred rows: half the bias reads, half the rounding
         return {"bias": attn.derive_bias(center_rows=kernel, dtype=torch.float16 if kernel else torch.float32)}
+
+    @staticmethod
+    def stage_biases(layers, x):
+        """FlashBias: [each layer's exact bias as its operands would derive it, or None] for the attention layers of
+        a stage (one shape) about to run fused at inference on x, derived together by the layers' derive_biases: on
+        the kernel two launches for all where each layer would take two. None for layers that derive their own in
+        operands: low-rank factors, gradients, under torch.compile (which traces layer by layer)."""
+        exact = [a for a in layers if not a.flash_bias.low_rank
+                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in a.bias_weights().values()))]
+        if len(exact) < 2 or torch.compiler.is_compiling() or not hasattr(type(exact[0]), "derive_biases"):
+            return [None] * len(layers)
+        dtype = autocast_dtype(x.device.type) or x.dtype
+        kernel = x.is_cuda and dtype != torch.float64   # as operands: float16 with centred rows for the kernel
+        biases = type(exact[0]).derive_biases(exact, center_rows=kernel,
+                                              dtype=torch.float16 if kernel else torch.float32)
+        derived = dict(zip(map(id, exact), biases))
+        return [derived.get(id(a)) for a in layers]
 
     def prepare(self, attn):
         """Make the low-rank factors for attn's current weights (a rule), or check the file's (a record)."""
@@ -261,17 +282,21 @@ class ForwardGraphs:
 
     The graphs read every parameter and buffer where it was at capture: when any gets new storage (.to(),
     .half(), a reassigned Parameter, load_state_dict(assign=True)) all graphs are dropped. In-place updates need
-    nothing: the exact bias is derived inside the graph, from the weights as they are at each replay.
+    nothing: the exact bias is derived inside the graph, and the half-precision weight copies made
+    (_LinearWeightCopies), from the weights as they are at each replay. The graphs of one autocast dtype share
+    one set of copies (replays run one at a time, as their shared memory pool requires).
     """
     MAX_GRAPHS = 4
 
     def __init__(self, capture=None):
         self.capture = capture or _capture_cuda_graph  # tests give a fake
-        self.entries = collections.OrderedDict()  # key -> (replay, static input, static output)
+        # key -> (replay, static input, static output, the weight copies the graph reads: kept alive with it)
+        self.entries = collections.OrderedDict()
         self.seen = collections.OrderedDict()  # keys seen once, not captured yet
         self.tensors, self.tensors_version = [], None  # the model's parameters and buffers, gathered once
         self.storage = None
         self.pool = None
+        self.weight_copies = {}  # autocast dtype -> _LinearWeightCopies, one set for the graphs of that dtype
         self.capturing = False
 
     def run(self, model, x):
@@ -281,9 +306,11 @@ class ForwardGraphs:
         if self.tensors_version != _registrations[0]:
             self.tensors = list(itertools.chain(model.parameters(), model.buffers()))
             self.tensors_version = _registrations[0]
-        storage = tuple((t.data_ptr(), t.dtype) for t in self.tensors)
+        # addresses alone: a new dtype (.half()) is new storage, made while the old is still held, so at a new address
+        storage = list(map(torch.Tensor.data_ptr, self.tensors))   # 27 us for 477 tensors (a comprehension: 34)
         if storage != self.storage:
             self.entries.clear()
+            self.weight_copies.clear()
             self.storage, self.pool = storage, None
         key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, _autocast_state())
         entry = self.entries.get(key)
@@ -295,7 +322,7 @@ class ForwardGraphs:
                 return None
             entry = self._capture(model, x, key)
         self.entries.move_to_end(key)
-        replay, static_input, static_output = entry
+        replay, static_input, static_output, _ = entry
         static_input.copy_(x)
         replay()
         return static_output.clone()
@@ -305,16 +332,63 @@ class ForwardGraphs:
             self.entries.popitem(last=False)
         static_input = x.clone()
         enabled, dtype, _ = key[-1]
+        weights = None
+        if enabled:
+            if dtype not in self.weight_copies:
+                self.weight_copies[dtype] = _LinearWeightCopies(model, dtype)
+            weights = self.weight_copies[dtype]
         self.capturing = True
         try:
             # autocast's weight-cast cache would hand the graph casts made outside it: cast inside, every replay
-            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-                replay, static_output, self.pool = self.capture(lambda: model(static_input), self.pool)
+            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False), _swapped_in(weights):
+                replay, static_output, self.pool = self.capture(lambda: _refreshed(weights, model)(static_input),
+                                                                self.pool)
         finally:
             self.capturing = False
-        self.entries[key] = (replay, static_input, static_output)
+        self.entries[key] = (replay, static_input, static_output, weights)
         self.seen.pop(key, None)
         return self.entries[key]
+
+
+class _LinearWeightCopies:
+    """FlashBias: a model's nn.Linear weights and biases in the autocast dtype, for its CUDA graphs. Each replay
+    first copies every parameter into them in one multi-tensor launch, replacing the ~150 casts autocast makes one
+    by one (SwinV2-B/384); during the capture the layers hold the copies in place of their parameters, so autocast
+    finds nothing to cast. Made from the parameters inside every replay, they are never stale. The weights the
+    relative-position bias is derived from (bias_weights) keep float32."""
+
+    def __init__(self, model, dtype):
+        keep = {id(t) for _, attn in window_attention_layers(model) for t in attn.bias_weights().values()}
+        self.slots = [(m, name, p) for m in _unwrap(model).modules() if isinstance(m, nn.Linear)
+                      for name, p in m.named_parameters(recurse=False)
+                      if p.dtype == torch.float32 and id(p) not in keep]
+        self.copies = [torch.empty_like(p, dtype=dtype) for _, _, p in self.slots]
+
+    def refresh(self):
+        if self.copies:
+            torch._foreach_copy_(self.copies, [p for _, _, p in self.slots])
+
+
+@contextlib.contextmanager
+def _swapped_in(weights):
+    """The layers hold the copies (their parameters themselves are untouched and put back)."""
+    slots = weights.slots if weights is not None else []
+    try:
+        for (module, name, _), copy in zip(slots, weights.copies if weights is not None else []):
+            module._parameters[name] = copy
+        yield
+    finally:
+        for module, name, param in slots:
+            module._parameters[name] = param
+
+
+def _refreshed(weights, model):
+    """model, its weight copies refreshed first at every call (and so at every replay of a graph of it)."""
+    def forward(x):
+        if weights is not None:
+            weights.refresh()
+        return model(x)
+    return forward
 
 
 def _capture_cuda_graph(fn, pool):

@@ -39,8 +39,8 @@ relative-position table (T, H) through an index (N, N) into B (H, N, N) in one k
     B[h, i, j] = s * sigmoid(table[index[i, j], h])    (SwinV2: s = 16, table = cpb_mlp's output)
     B[h, i, j] = table[index[i, j], h]                  (Swin V1: the raw relative_position_bias_table)
 
-optionally minus each row's midpoint (max_j + min_j) / 2, which softmax ignores and which halves
-the rounding of a float16 bias. :func:`shifted_window_region_ids` builds the ``region_ids`` of
+optionally centred: minus a constant per row, which softmax ignores and which halves the rounding of a
+float16 bias: s / 2, the sigmoid's midpoint, or (Swin V1) each row's midpoint (max_j + min_j) / 2. :func:`shifted_window_region_ids` builds the ``region_ids`` of
 Swin's shifted windows (the official 9 regions, in ``window_partition`` order; V1 and V2 alike).
 
 Constants: ``MASK_VALUE`` (-100), ``MAX_LOGIT_SCALE`` (ln 100), ``NORM_EPS`` (F.normalize's eps) are
@@ -103,6 +103,7 @@ except ImportError:  # a CPU-only machine without Triton still gets the PyTorch 
     triton = None
 
 __all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "add_layer_norm", "cpb_table", "tracing_or_exporting",
+           "autocast_dtype",
            "bias_from_table", "shifted_window_region_ids", "region_mask", "kernel_available", "MASK_VALUE",
            "MAX_LOGIT_SCALE", "NORM_EPS", "MAX_RANK", "MAX_HEAD_DIM", "BACKENDS"]
 
@@ -1240,9 +1241,10 @@ if triton is not None:
     @triton.jit
     def _residual_layer_norm_fwd(res_ptr, x_ptr, w_ptr, b_ptr, out_ptr, low_ptr, rows, eps,
                                  C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-                                 HAS_LOW: tl.constexpr):
-        """ROWS rows of out = res + LayerNorm(x) * w + b, statistics in float32; also out in the next
-        matmul's dtype (HAS_LOW), which saves autocast a separate cast. All tensors (rows, C) contiguous."""
+                                 HAS_RESIDUAL: tl.constexpr, HAS_LOW: tl.constexpr):
+        """ROWS rows of out = res + LayerNorm(x) * w + b (without HAS_RESIDUAL: LayerNorm(x) * w + b, res_ptr
+        unread), statistics in float32; also out in the next matmul's dtype (HAS_LOW), which saves autocast a
+        separate cast. All tensors (rows, C) contiguous."""
         offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         offs_c = tl.arange(0, BLOCK_C)
         r_valid = offs_r < rows
@@ -1255,13 +1257,15 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
         w = tl.load(w_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
-        out = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) + centred * rstd[:, None] * w + b
+        out = centred * rstd[:, None] * w + b
+        if HAS_RESIDUAL:
+            out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_LOW:
             tl.store(low_ptr + offs, out.to(low_ptr.dtype.element_ty), mask=mask)
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype in force for this device type, or None."""
     try:
         if torch.is_autocast_enabled(device_type):
@@ -1272,15 +1276,15 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _residual_layer_norm_launch(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def _residual_layer_norm_launch(residual: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                                 bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
                                 low_dtype: Optional[torch.dtype], wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
     C = x.shape[-1]
     rows = x.numel() // C
-    residual, x = residual.contiguous(), x.contiguous()
-    out = torch.empty(residual.shape, device=x.device, dtype=out_dtype)
-    low = torch.empty(residual.shape if low_dtype is not None else (0,), device=x.device,
-                      dtype=low_dtype or out_dtype)
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    low = torch.empty(x.shape if low_dtype is not None else (0,), device=x.device, dtype=low_dtype or out_dtype)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
         low.fill_(float("nan"))
@@ -1288,44 +1292,50 @@ def _residual_layer_norm_launch(residual: torch.Tensor, x: torch.Tensor, weight:
     rows_per_program = max(1, min(64, 4096 // block_c))
     grid = (triton.cdiv(rows, rows_per_program),)
     _launcher(_residual_layer_norm_fwd, wrap)[grid](
-        residual, x, weight, bias, out, low if low_dtype is not None else out, rows, eps, C=C, BLOCK_C=block_c,
-        ROWS=rows_per_program, HAS_LOW=low_dtype is not None, num_warps=4 if block_c <= 512 else 8)
+        residual if residual is not None else x, x, weight, bias, out, low if low_dtype is not None else out, rows,
+        eps, C=C, BLOCK_C=block_c, ROWS=rows_per_program, HAS_RESIDUAL=residual is not None,
+        HAS_LOW=low_dtype is not None, num_warps=4 if block_c <= 512 else 8)
     return out, low
 
 
 @_triton_op("residual_layer_norm")
-def _residual_layer_norm_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            eps: float, out_dtype: torch.dtype, low_dtype: Optional[torch.dtype]
+def _residual_layer_norm_op(residual: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor, eps: float, out_dtype: torch.dtype, low_dtype: Optional[torch.dtype]
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     return _residual_layer_norm_launch(residual, x, weight, bias, eps, out_dtype, low_dtype, torch.library.wrap_triton)
 
 
-def residual_layer_norm(residual: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm,
+def residual_layer_norm(residual: Optional[torch.Tensor], x: torch.Tensor, norm: torch.nn.LayerNorm,
                         backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``residual + norm(x)``, SwinV2's res-post-norm step, in one pass; under autocast also the result in
-    the autocast dtype (what the next matmul reads; None without autocast).
+    """``residual + norm(x)``, SwinV2's res-post-norm step, in one pass (``residual`` None: ``norm(x)``, the
+    patch merging's norm); under autocast also the result in the autocast dtype (what the next matmul reads;
+    None without autocast).
 
     Args:
-        residual, x: (..., C), same shape; norm: a LayerNorm over C with weight and bias.
+        residual: (..., C) as x, or None; x: (..., C); norm: a LayerNorm over C with weight and bias.
         backend: as in :func:`flash_bias_attention` ("auto": the kernel on CUDA without gradients).
     Returns:
-        (out, out_low): out in the dtype PyTorch's own expression gives (float32 under autocast, as
-        layer_norm runs in float32 there); out_low = out in the autocast dtype, or None.
+        (out, out_low): out in the dtype PyTorch's own expression gives (float32 under CUDA's autocast,
+        which runs layer_norm in float32; else x's dtype, promoted with the residual's); out_low = out in
+        the autocast dtype, or None.
     """
-    if x.shape != residual.shape or tuple(norm.normalized_shape) != (x.shape[-1],):
-        raise ValueError(f"residual {tuple(residual.shape)}, x {tuple(x.shape)} and the norm's shape "
-                         f"{tuple(norm.normalized_shape)} do not fit")
-    low_dtype = _autocast_dtype(x.device.type)
+    if (residual is not None and x.shape != residual.shape) or tuple(norm.normalized_shape) != (x.shape[-1],):
+        raise ValueError(f"residual_layer_norm: residual {None if residual is None else tuple(residual.shape)}, "
+                         f"x {tuple(x.shape)} and the norm's shape {tuple(norm.normalized_shape)} do not fit")
+    low_dtype = autocast_dtype(x.device.type)
     unsupported = None
     if norm.weight is None or norm.bias is None:
         unsupported = ValueError("residual_layer_norm: the Triton kernel needs an affine LayerNorm (weight and "
                                  "bias); use backend='torch'")
     tensors = (residual, x, norm.weight, norm.bias)
     if _pick_backend(backend, x.device, tensors, unsupported, "residual_layer_norm") == "torch":
-        out = residual + F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        out = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        out = out if residual is None else residual + out
         return out, (out.to(low_dtype) if low_dtype is not None else None)
-    ln_dtype = torch.float32 if low_dtype is not None else x.dtype   # autocast runs layer_norm in float32
-    out_dtype = torch.promote_types(residual.dtype, torch.promote_types(ln_dtype, norm.weight.dtype))
+    # F.layer_norm's dtype: CUDA's autocast lists it as a float32 op; CPU's autocast does not, and without
+    # autocast half-precision x with float32 weights gives x's dtype (measured, torch 2.14)
+    ln_dtype = torch.float32 if low_dtype is not None and x.device.type == "cuda" else x.dtype
+    out_dtype = ln_dtype if residual is None else torch.promote_types(residual.dtype, ln_dtype)
     out, low = _through_op(_residual_layer_norm_op, _residual_layer_norm_launch)(
         residual, x, norm.weight, norm.bias, float(norm.eps), out_dtype, low_dtype)
     return out, (low if low_dtype is not None else None)
@@ -1403,7 +1413,7 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNo
     if x.shape != branch.shape or tuple(norm.normalized_shape) != (x.shape[-1],):
         raise ValueError(f"add_layer_norm: x {tuple(x.shape)}, branch {tuple(branch.shape)} and the norm's shape "
                          f"{tuple(norm.normalized_shape)} do not fit")
-    low_dtype = _autocast_dtype(x.device.type)
+    low_dtype = autocast_dtype(x.device.type)
     unsupported = None
     if norm.weight is None or norm.bias is None:
         unsupported = ValueError("add_layer_norm: the Triton kernel needs an affine LayerNorm (weight and bias); "
@@ -1440,7 +1450,7 @@ def mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         computation, gradients, training, another activation. torch.compile traces the same call, so compiled
         and eager logits agree.
     """
-    dtype = _autocast_dtype(x.device.type) or x.dtype
+    dtype = autocast_dtype(x.device.type) or x.dtype
     act, fc1 = getattr(mlp, "act", None), getattr(mlp, "fc1", None)
     if (x.device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or mlp.training
             or not isinstance(act, torch.nn.GELU) or act.approximate != "none"
@@ -1454,20 +1464,38 @@ def mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # The dense bias from a relative-position table, fused (SwinV2: 16 * sigmoid(cpb_mlp(...))[index])
 # ----------------------------------------------------------------------------------------------
+MAX_LAYERS_PER_LAUNCH = 32   # the layers one launch of the table kernels serves (a tuple of pointers each)
+
 if triton is not None:
 
     @triton.jit
-    def _bias_from_table_fwd(table_ptr, index_ptr, out_ptr, stride_table_t, stride_table_h,
-                             stride_index_n, stride_index_m, stride_out_h, stride_out_n,
-                             num_heads, rows, cols, table_rows, sigmoid_scale,
+    def _layer_ptr(ptrs, layer, LAYERS: tl.constexpr):
+        """Layer ``layer``'s pointer: ptrs itself (LAYERS == 1) or ptrs[layer] of a tuple of LAYERS pointers.
+
+        One launch serves the layers of a stage. The pointers travel as kernel arguments, so a CUDA graph keeps
+        them by value and nothing outlives the call; the pick is a few scalar compares per program."""
+        if LAYERS == 1:
+            return ptrs
+        else:
+            picked = ptrs[0]
+            for i in tl.static_range(1, LAYERS):
+                if layer == i:
+                    picked = ptrs[i]
+            return picked
+
+    @triton.jit
+    def _bias_from_table_fwd(table_ptrs, index_ptrs, out_ptr, stride_table_t, stride_table_h,
+                             stride_index_n, stride_index_m, stride_out_l, stride_out_h, stride_out_n,
+                             num_heads, rows, cols, table_rows, sigmoid_scale, LAYERS: tl.constexpr,
                              SIGMOID: tl.constexpr, CENTER: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        """BLOCK_ROWS whole rows of one head's bias (BLOCK_COLS >= cols): the row's midpoint needs all of it.
-
-        The head is the fastest grid axis: programs that run together read the same index rows."""
-        pid = tl.program_id(0)
-        h = pid % num_heads
-        offs_r = (pid // num_heads) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        """BLOCK_ROWS whole rows (BLOCK_COLS >= cols: a row's midpoint needs all of it) of every head's bias of
+        one layer. The index tile is read once for all heads: read per head, SwinV2-B/384's int64 index was
+        ~760 MB of L2 traffic per forward at stage 3."""
+        layer = tl.program_id(1)
+        table_ptr = _layer_ptr(table_ptrs, layer, LAYERS)
+        index_ptr = _layer_ptr(index_ptrs, layer, LAYERS)
+        offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         # rows past the end repeat the last row (never stored): no empty row makes an inf - inf midpoint
         read_r = tl.minimum(offs_r, rows - 1)
         offs_c = tl.arange(0, BLOCK_COLS)
@@ -1476,41 +1504,71 @@ if triton is not None:
                       mask=c_valid, other=0).to(tl.int64)
         # an index outside the table reads nothing and gives NaN (checking its range would sync the host)
         in_table = c_valid & (idx >= 0) & (idx < table_rows)
-        b = tl.load(table_ptr + idx * stride_table_t + h * stride_table_h, mask=in_table,
-                    other=float("nan")).to(tl.float32)
-        if SIGMOID:
-            b = sigmoid_scale * tl.sigmoid(b)
-        if CENTER:
-            hi = tl.max(tl.where(c_valid, b, float("-inf")), 1)
-            lo = tl.min(tl.where(c_valid, b, float("inf")), 1)
-            b = b - ((hi + lo) * 0.5)[:, None]
-        out_ptrs = out_ptr + h * stride_out_h + offs_r[:, None] * stride_out_n + offs_c[None, :]
-        tl.store(out_ptrs, b.to(out_ptr.dtype.element_ty), mask=(offs_r < rows)[:, None] & c_valid)
+        entries = table_ptr + idx * stride_table_t
+        out_ptrs = out_ptr + layer.to(tl.int64) * stride_out_l + offs_r[:, None] * stride_out_n + offs_c[None, :]
+        stored = (offs_r < rows)[:, None] & c_valid
+        for h in range(num_heads):
+            b = tl.load(entries + h * stride_table_h, mask=in_table, other=float("nan")).to(tl.float32)
+            if SIGMOID:
+                # centred: minus the sigmoid's midpoint, known without the row's max and min (their reductions
+                # took a third of the kernel's time: 335 against 220 us at SwinV2-B/384 stage 3, H100)
+                b = sigmoid_scale * (tl.sigmoid(b) - 0.5) if CENTER else sigmoid_scale * tl.sigmoid(b)
+            elif CENTER:
+                hi = tl.max(tl.where(c_valid, b, float("-inf")), 1)
+                lo = tl.min(tl.where(c_valid, b, float("inf")), 1)
+                b = b - ((hi + lo) * 0.5)[:, None]
+            tl.store(out_ptrs + h * stride_out_h, b.to(out_ptr.dtype.element_ty), mask=stored)
 
 
-def _bias_from_table_launch(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
-                            center_rows: bool, out_dtype: torch.dtype, wrap=None) -> torch.Tensor:
+def _stacked(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """The layers' tensors as one launch's pointers: a tuple (several layers) or the tensor itself (one), with one
+    shape, dtype and strides for all (made contiguous where they differ)."""
+    tensors = tuple(tensors)
+    if any(t.stride() != tensors[0].stride() for t in tensors):
+        tensors = tuple(t.contiguous() for t in tensors)
+    return tensors if len(tensors) > 1 else tensors[0]
+
+
+def _stack_layers(results: List[torch.Tensor]) -> torch.Tensor:
+    """Per-layer results as (L, ...); one layer (training, layer by layer) as a view, with no copy kernel."""
+    return results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results)
+
+
+def _bias_from_table_launch(tables: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
+                            sigmoid_scale: Optional[float], center_rows: bool, out_dtype: torch.dtype,
+                            wrap=None) -> torch.Tensor:
+    """(L, H, rows, cols): one launch for L <= MAX_LAYERS_PER_LAUNCH layers' (T, H) tables and (rows, cols) indices."""
+    table, index = tables[0], indices[0]
     num_heads = table.shape[1]
     rows, cols = index.shape
-    out = torch.empty((num_heads, rows, cols), device=table.device, dtype=out_dtype)
+    out = torch.empty((len(tables), num_heads, rows, cols), device=table.device, dtype=out_dtype)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
     block_cols = _next_pow2(cols)
-    block_rows = max(1, min(_next_pow2(rows), 4096 // block_cols))
-    grid = (num_heads * triton.cdiv(rows, block_rows),)
-    _launcher(_bias_from_table_fwd, wrap)[grid](table, index, out, table.stride(0), table.stride(1), index.stride(0),
-                               index.stride(1), out.stride(0), out.stride(1), num_heads, rows, cols,
-                               table.shape[0], float(sigmoid_scale if sigmoid_scale is not None else 1.0),
-                               SIGMOID=sigmoid_scale is not None, CENTER=center_rows,
-                               BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                               num_warps=4 if block_rows * block_cols <= 2048 else 8)
+    # ~1024 entries and 4 warps a program: of 12 shapes at SwinV2-B/384 stage 3 (H100), one 1024-wide row a
+    # program took 220 us, four rows with 8 warps 275 us, eight 416 us
+    block_rows = max(1, min(_next_pow2(rows), 1024 // block_cols))
+    grid = (triton.cdiv(rows, block_rows), len(tables))
+    _launcher(_bias_from_table_fwd, wrap)[grid](
+        _stacked(tables), _stacked(indices), out, table.stride(0), table.stride(1), index.stride(0), index.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), num_heads, rows, cols, table.shape[0],
+        float(sigmoid_scale if sigmoid_scale is not None else 1.0), LAYERS=len(tables),
+        SIGMOID=sigmoid_scale is not None, CENTER=center_rows, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        num_warps=4)
     return out
 
 
 @_triton_op("bias_from_table")
 def _bias_from_table_op(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
                         center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    return _bias_from_table_launch(table, index, sigmoid_scale, center_rows, out_dtype, torch.library.wrap_triton)
+    return _bias_from_table_launch([table], [index], sigmoid_scale, center_rows, out_dtype,
+                                   torch.library.wrap_triton)[0]
+
+
+def _bias_from_table_one(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
+                         center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return _bias_from_table_launch([table], [index], sigmoid_scale, center_rows, out_dtype)[0]
+
 
 
 def _bias_from_table_torch(table: torch.Tensor, index: torch.Tensor, sigmoid_scale: Optional[float],
@@ -1521,8 +1579,8 @@ def _bias_from_table_torch(table: torch.Tensor, index: torch.Tensor, sigmoid_sca
     # made autograd's scatter 4x slower (686 against 166 us per SwinV2-B/384 layer, H100).
     bias = table.to(compute)[index.reshape(-1)].view(*index.shape, table.shape[1]).permute(2, 0, 1).contiguous()
     if sigmoid_scale is not None:
-        bias = sigmoid_scale * torch.sigmoid(bias)
-    if center_rows:
+        bias = sigmoid_scale * (torch.sigmoid(bias) - 0.5 if center_rows else torch.sigmoid(bias))
+    elif center_rows:
         bias = bias - (bias.amax(-1, keepdim=True) + bias.amin(-1, keepdim=True)) / 2
     return bias.to(out_dtype)
 
@@ -1536,8 +1594,8 @@ class _BiasFromTableFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, index, sigmoid_scale, out_dtype):
-        bias = _through_op(_bias_from_table_op, _bias_from_table_launch)(table, index, sigmoid_scale, False,
-                                                                         torch.float32)
+        bias = _through_op(_bias_from_table_op, _bias_from_table_one)(table, index, sigmoid_scale, False,
+                                                                      torch.float32)
         ctx.save_for_backward(index, bias)
         ctx.sigmoid_scale, ctx.table_shape, ctx.table_dtype = sigmoid_scale, table.shape, table.dtype
         return bias.to(out_dtype)
@@ -1587,33 +1645,69 @@ def bias_from_table(table: torch.Tensor, index: torch.Tensor, *, sigmoid_scale: 
             would sync the host): an entry outside the table gives NaN there (with center_rows, maybe
             in its whole row); the PyTorch path raises an indexing error.
         sigmoid_scale: SwinV2's 16, or None for no sigmoid.
-        center_rows: subtract each row's midpoint (max_j + min_j) / 2: softmax ignores a row's constant,
-            and a centred row has half the magnitude, so half the rounding error in float16.
+        center_rows: subtract a constant from each row, which softmax ignores: sigmoid_scale / 2 (the middle of
+            the sigmoid's range), or without the sigmoid the row's midpoint (max_j + min_j) / 2. The values then
+            have half the magnitude, so half the rounding error in float16.
         out_dtype: the result's dtype; default the table's.
         backend: as in :func:`flash_bias_attention`; "auto" takes the kernel on CUDA, with a backward when the
             table needs a gradient (PyTorch with center_rows or under torch.compile; both paths are differentiable).
 
+    Several layers (a stage) at once: index a list of L indices of one shape, table a list of L tables of one
+    shape and dtype, or one (L, T, H) tensor. The result is (L, H, N, N), from one launch per
+    MAX_LAYERS_PER_LAUNCH layers where the kernel runs without gradients, else layer by layer.
+
     Returns:
         (H, N, N) contiguous, in out_dtype, on the table's device.
     """
+    if isinstance(index, (list, tuple)):
+        return _bias_from_tables(table, index, sigmoid_scale, center_rows, out_dtype, backend)
     out_dtype = table.dtype if out_dtype is None and isinstance(table, torch.Tensor) else out_dtype
     _check_table_inputs(table, index, out_dtype)
-    unsupported = None
-    if table.dtype == torch.float64:
-        unsupported = TypeError("bias_from_table: the Triton kernel computes in float32; a float64 table is for "
-                                "backend='torch'")
     sigmoid_scale = float(sigmoid_scale) if sigmoid_scale is not None else None   # the op's schema: float
     no_backward = None
     if center_rows:
         no_backward = "has no backward pass with center_rows"
     elif _compiling():
         no_backward = "has no backward pass under torch.compile"
-    if _pick_backend(backend, table.device, (table,), unsupported, "bias_from_table", no_backward) == "torch":
+    if _pick_backend(backend, table.device, (table,), _table_unsupported(table), "bias_from_table",
+                     no_backward) == "torch":
         return _bias_from_table_torch(table, index, sigmoid_scale, center_rows, out_dtype)
     if _needs_grad((table,)):
         return _BiasFromTableFunction.apply(table, index, sigmoid_scale, out_dtype)
-    return _through_op(_bias_from_table_op, _bias_from_table_launch)(table, index, sigmoid_scale, center_rows,
-                                                                      out_dtype)
+    return _through_op(_bias_from_table_op, _bias_from_table_one)(table, index, sigmoid_scale, center_rows,
+                                                                   out_dtype)
+
+
+def _table_unsupported(table: torch.Tensor) -> Optional[Exception]:
+    if table.dtype == torch.float64:
+        return TypeError("bias_from_table: the Triton kernel computes in float32; a float64 table is for "
+                         "backend='torch'")
+    return None
+
+
+def _bias_from_tables(tables, indices, sigmoid_scale, center_rows, out_dtype, backend) -> torch.Tensor:
+    """bias_from_table of L layers: (L, H, N, N)."""
+    tables, indices = list(tables), list(indices)
+    if not indices or len(tables) != len(indices):
+        raise ValueError(f"bias_from_table: {len(tables)} tables for {len(indices)} indices; give one table per "
+                         f"index (at least one)")
+    for i, (table, index) in enumerate(zip(tables, indices)):
+        _check_table_inputs(table, index, table.dtype if out_dtype is None else out_dtype)
+        if (table.shape, table.dtype, index.shape) != (tables[0].shape, tables[0].dtype, indices[0].shape):
+            raise ValueError(f"bias_from_table: layer {i} has a {tuple(table.shape)} {table.dtype} table and a "
+                             f"{tuple(index.shape)} index, layer 0 {tuple(tables[0].shape)} {tables[0].dtype} and "
+                             f"{tuple(indices[0].shape)}: several layers at once need one shape")
+    out_dtype = tables[0].dtype if out_dtype is None else out_dtype
+    sigmoid_scale = float(sigmoid_scale) if sigmoid_scale is not None else None
+    one_launch = not (_needs_grad(tables) or _compiling()) and _pick_backend(
+        backend, tables[0].device, tables, _table_unsupported(tables[0]), "bias_from_table") == "triton"
+    if not one_launch:
+        return _stack_layers([bias_from_table(t, i, sigmoid_scale=sigmoid_scale, center_rows=center_rows,
+                                              out_dtype=out_dtype, backend=backend) for t, i in zip(tables, indices)])
+    parts = [_bias_from_table_launch(tables[s:s + MAX_LAYERS_PER_LAUNCH], indices[s:s + MAX_LAYERS_PER_LAUNCH],
+                                     sigmoid_scale, center_rows, out_dtype)
+             for s in range(0, len(tables), MAX_LAYERS_PER_LAUNCH)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1624,11 +1718,17 @@ CPB_BLOCK_K = 32   # hidden units per step of the table kernel; SwinV2's 512 is 
 if triton is not None:
 
     @triton.jit
-    def _cpb_table_fwd(coords_ptr, w0_ptr, b0_ptr, w2_ptr, out_ptr, rows, num_heads,
-                       stride_coords, stride_w0, stride_w2, stride_out,
-                       HIDDEN: tl.constexpr, HEADS_PAD: tl.constexpr, HAS_B0: tl.constexpr,
+    def _cpb_table_fwd(coords_ptrs, w0_ptrs, b0_ptrs, w2_ptrs, out_ptr, rows, num_heads,
+                       stride_coords, stride_w0, stride_w2, stride_out_l, stride_out_h,
+                       LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS_PAD: tl.constexpr, HAS_B0: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        """BLOCK_T rows of relu(coords @ w0^T + b0) @ w2^T; the hidden layer never leaves registers."""
+        """BLOCK_T rows of one layer's relu(coords @ w0^T + b0) @ w2^T; the hidden layer never leaves registers.
+        Stored heads first, (H, T) per layer: the bias kernel then gathers one head's entries from 4*T
+        contiguous bytes."""
+        layer = tl.program_id(1)
+        coords_ptr = _layer_ptr(coords_ptrs, layer, LAYERS)
+        w0_ptr = _layer_ptr(w0_ptrs, layer, LAYERS)
+        w2_ptr = _layer_ptr(w2_ptrs, layer, LAYERS)
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         t_valid = offs_t < rows
         c0 = tl.load(coords_ptr + offs_t * stride_coords, mask=t_valid, other=0.0).to(tl.float32)
@@ -1641,33 +1741,43 @@ if triton is not None:
             hidden = (c0[:, None] * tl.load(w0_ptr + offs_k * stride_w0).to(tl.float32)[None, :]
                       + c1[:, None] * tl.load(w0_ptr + offs_k * stride_w0 + 1).to(tl.float32)[None, :])
             if HAS_B0:
-                hidden += tl.load(b0_ptr + offs_k).to(tl.float32)[None, :]
+                hidden += tl.load(_layer_ptr(b0_ptrs, layer, LAYERS) + offs_k).to(tl.float32)[None, :]
             w2 = tl.load(w2_ptr + offs_h[None, :] * stride_w2 + offs_k[:, None], mask=h_valid[None, :], other=0.0)
-            # ieee: the table feeds a sigmoid scaled by 16; tf32 would cost ~1e-3 logits for no measurable time
-            acc = tl.dot(tl.maximum(hidden, 0.0), w2.to(tl.float32), acc, input_precision="ieee")
-        tl.store(out_ptr + offs_t[:, None] * stride_out + offs_h[None, :], acc,
-                 mask=t_valid[:, None] & h_valid[None, :])
+            # tf32x3: float32 accuracy (the table feeds a sigmoid scaled by 16; plain tf32 costs ~1e-3 logits) from
+            # tensor cores; the ieee dot's FMAs took 77 us per stage at SwinV2-B/384 (H100)
+            acc = tl.dot(tl.maximum(hidden, 0.0), w2.to(tl.float32), acc, input_precision="tf32x3")
+        out_ptrs = out_ptr + layer.to(tl.int64) * stride_out_l + offs_h[None, :] * stride_out_h + offs_t[:, None]
+        tl.store(out_ptrs, acc, mask=t_valid[:, None] & h_valid[None, :])
 
 
-def _cpb_table_launch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
-                      w2: torch.Tensor, wrap=None) -> torch.Tensor:
-    coords, w0, w2 = coords.contiguous(), w0.contiguous(), w2.contiguous()
-    rows, num_heads = coords.shape[0], w2.shape[0]
-    out = torch.empty((rows, num_heads), device=coords.device, dtype=torch.float32)
+def _cpb_table_launch(coords: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
+                      b0: Sequence[Optional[torch.Tensor]], w2: Sequence[torch.Tensor], wrap=None) -> torch.Tensor:
+    """(L, T, H) float32 (stored as (L, H, T)): one launch for L <= MAX_LAYERS_PER_LAUNCH layers of one shape."""
+    coords, w0, w2 = ([t.contiguous() for t in ts] for ts in (coords, w0, w2))
+    has_b0 = b0[0] is not None
+    b0 = [t.contiguous() for t in b0] if has_b0 else w0
+    rows, num_heads = coords[0].shape[0], w2[0].shape[0]
+    out = torch.empty((len(coords), num_heads, rows), device=coords[0].device, dtype=torch.float32)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
     block_t = 32
-    _launcher(_cpb_table_fwd, wrap)[(triton.cdiv(rows, block_t),)](
-        coords, w0, b0.contiguous() if b0 is not None else w0, w2, out, rows, num_heads,
-        coords.stride(0), w0.stride(0), w2.stride(0), out.stride(0), HIDDEN=w0.shape[0],
-        HEADS_PAD=max(16, _next_pow2(num_heads)), HAS_B0=b0 is not None, BLOCK_T=block_t, BLOCK_K=CPB_BLOCK_K)
-    return out
+    _launcher(_cpb_table_fwd, wrap)[(triton.cdiv(rows, block_t), len(coords))](
+        _stacked(coords), _stacked(w0), _stacked(b0), _stacked(w2), out, rows, num_heads,
+        coords[0].stride(0), w0[0].stride(0), w2[0].stride(0), out.stride(0), out.stride(1), LAYERS=len(coords),
+        HIDDEN=w0[0].shape[0], HEADS_PAD=max(16, _next_pow2(num_heads)), HAS_B0=has_b0, BLOCK_T=block_t,
+        BLOCK_K=CPB_BLOCK_K)
+    return out.transpose(1, 2)
 
 
 @_triton_op("cpb_table")
 def _cpb_table_op(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
                   w2: torch.Tensor) -> torch.Tensor:
-    return _cpb_table_launch(coords, w0, b0, w2, torch.library.wrap_triton)
+    return _cpb_table_launch([coords], [w0], [b0], [w2], torch.library.wrap_triton)[0]
+
+
+def _cpb_table_one(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                   w2: torch.Tensor) -> torch.Tensor:
+    return _cpb_table_launch([coords], [w0], [b0], [w2])[0]
 
 
 def _cpb_table_torch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
@@ -1688,22 +1798,58 @@ def cpb_table(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor]
         coords: (T, 2), the flattened ``relative_coords_table``; w0: (hidden, 2), b0: (hidden,) or None,
             w2: (H, hidden): ``cpb_mlp[0].weight``, ``cpb_mlp[0].bias``, ``cpb_mlp[2].weight``.
         backend: as in :func:`flash_bias_attention` ("auto": the kernel on CUDA without gradients).
+    Several layers (a stage) at once: each argument a list of L tensors of one shape (b0 a list of Nones, or
+    None), giving (L, T, H) from one launch per MAX_LAYERS_PER_LAUNCH layers where the kernel runs, else layer by
+    layer.
     Returns:
-        (T, H) float32 (float64 for float64 inputs, PyTorch path); feed it to :func:`bias_from_table`.
+        (T, H) float32 (float64 for float64 inputs, PyTorch path), heads-first strides on the kernel path; feed it
+        to :func:`bias_from_table`.
     """
+    if isinstance(coords, (list, tuple)):
+        return _cpb_tables(coords, w0, b0, w2, backend)
+    _check_cpb_inputs(coords, w0, b0, w2)
+    tensors = (coords, w0, b0, w2)
+    if _pick_backend(backend, coords.device, tensors, _cpb_unsupported(coords, w0, w2), "cpb_table") == "torch":
+        return _cpb_table_torch(coords, w0, b0, w2)
+    return _through_op(_cpb_table_op, _cpb_table_one)(coords, w0, b0, w2)
+
+
+def _check_cpb_inputs(coords, w0, b0, w2, layer=""):
     if coords.dim() != 2 or coords.shape[1] != 2 or w0.dim() != 2 or w0.shape[1] != 2 or w2.dim() != 2 \
             or w2.shape[1] != w0.shape[0] or (b0 is not None and tuple(b0.shape) != (w0.shape[0],)):
         raise ValueError(f"cpb_table: expected coords (T, 2), w0 (hidden, 2), b0 (hidden,), w2 (H, hidden); got "
                          f"{tuple(coords.shape)}, {tuple(w0.shape)}, {None if b0 is None else tuple(b0.shape)}, "
-                         f"{tuple(w2.shape)}")
-    unsupported = None
+                         f"{tuple(w2.shape)}{layer}")
+
+
+def _cpb_unsupported(coords, w0, w2) -> Optional[Exception]:
     if torch.float64 in (coords.dtype, w0.dtype, w2.dtype) or w0.shape[0] % CPB_BLOCK_K:
-        unsupported = ValueError(f"cpb_table: the kernel takes float16/bfloat16/float32 weights with a hidden "
-                                 f"width that is a multiple of {CPB_BLOCK_K}; got {w0.dtype}, {w0.shape[0]}")
-    tensors = (coords, w0, b0, w2)
-    if _pick_backend(backend, coords.device, tensors, unsupported, "cpb_table") == "torch":
-        return _cpb_table_torch(coords, w0, b0, w2)
-    return _through_op(_cpb_table_op, _cpb_table_launch)(coords, w0, b0, w2)
+        return ValueError(f"cpb_table: the kernel takes float16/bfloat16/float32 weights with a hidden "
+                          f"width that is a multiple of {CPB_BLOCK_K}; got {w0.dtype}, {w0.shape[0]}")
+    return None
+
+
+def _cpb_tables(coords, w0, b0, w2, backend) -> torch.Tensor:
+    """cpb_table of L layers: (L, T, H)."""
+    coords, w0, w2 = list(coords), list(w0), list(w2)
+    b0 = [None] * len(coords) if b0 is None else list(b0)
+    if not coords or not len(coords) == len(w0) == len(b0) == len(w2):
+        raise ValueError(f"cpb_table: {len(coords)} coords, {len(w0)} w0, {len(b0)} b0 and {len(w2)} w2: give one "
+                         f"of each per layer (at least one layer)")
+    first = [(t.shape, t.dtype) if t is not None else None for t in (coords[0], w0[0], b0[0], w2[0])]
+    for i, layer in enumerate(zip(coords, w0, b0, w2)):
+        _check_cpb_inputs(*layer, layer=f" (layer {i})")
+        if [(t.shape, t.dtype) if t is not None else None for t in layer] != first:
+            raise ValueError(f"cpb_table: layer {i}'s weights differ in shape or dtype from layer 0's: several layers "
+                             f"at once need one shape")
+    tensors = [t for layer in zip(coords, w0, b0, w2) for t in layer]
+    one_launch = not _compiling() and _pick_backend(
+        backend, coords[0].device, tensors, _cpb_unsupported(coords[0], w0[0], w2[0]), "cpb_table") == "triton"
+    if not one_launch:
+        return _stack_layers([cpb_table(*layer, backend=backend) for layer in zip(coords, w0, b0, w2)])
+    chunks = range(0, len(coords), MAX_LAYERS_PER_LAUNCH)
+    parts = [_cpb_table_launch(*(ts[s:s + MAX_LAYERS_PER_LAUNCH] for ts in (coords, w0, b0, w2))) for s in chunks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------

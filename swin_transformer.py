@@ -180,18 +180,19 @@ class WindowAttention(nn.Module):
         x = self.proj_drop(x)
         return x
 
-    def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None):
+    def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None, bias=None):
         """FlashBias: this attention on the fused kernel.
 
         Args:
             x: (num_windows*B, N, C) windows, or (B, H*W, C) in image order with image_size=(H, W): the kernel then
                 does the cyclic shift by shift_size and the window partition / reverse itself
             region_ids: (num_windows, Wh*Ww) regions of the shift mask, or None
+            bias: this layer's exact bias as LayerBias.stage_biases derived it for this forward, or None
         """
         qkv = self.qkv(x)
         x = flash_bias_attention(qkv, self.num_heads, region_ids=region_ids, image_size=image_size,
                                  window_size=self.window_size, shift_size=shift_size, scale=self.scale,
-                                 **self.flash_bias.operands(self, qkv))
+                                 **self.flash_bias.operands(self, qkv, bias))
         return self.proj_drop(self.proj(x))
 
     def use_fused_attn(self, x):
@@ -206,7 +207,15 @@ class WindowAttention(nn.Module):
         """FlashBias: the relative position bias relative_position_bias_table[relative_position_index] of the current
         weights, (num_heads, Wh*Ww, Wh*Ww) in dtype, no grad. center_rows: each row minus its midpoint (softmax
         ignores a row's constant; it halves float16 rounding)."""
-        return bias_from_table(self.relative_position_bias_table, self.relative_position_index, sigmoid_scale=None,
+        return self.derive_biases([self], center_rows, dtype)[0]
+
+    @staticmethod
+    @torch.no_grad()
+    def derive_biases(layers, center_rows=False, dtype=torch.float32):
+        """FlashBias: derive_bias of several layers of one shape (a stage), (len(layers), num_heads, Wh*Ww, Wh*Ww):
+        one launch for all of them."""
+        return bias_from_table([a.relative_position_bias_table for a in layers],
+                               [a.relative_position_index for a in layers], sigmoid_scale=None,
                                center_rows=center_rows, out_dtype=dtype)
 
     def bias_weights(self):
@@ -358,7 +367,7 @@ class SwinTransformerBlock(nn.Module):
 
         return x
 
-    def forward_fused(self, x, x_normed=None, next_norm=None):
+    def forward_fused(self, x, x_normed=None, next_norm=None, bias=None):
         """FlashBias: the block at inference. The attention kernel does the cyclic shift, the window partition /
         reverse and the shift mask itself; each residual add is one pass with the LayerNorm that reads its sum
         (add_layer_norm), which under autocast writes the half-precision input of the next matmul directly. Drop path
@@ -367,13 +376,14 @@ class SwinTransformerBlock(nn.Module):
         Args:
             x: (B, H*W, C) the block's input; x_normed: norm1(x) when the previous block made it, else None
             next_norm: the LayerNorm that reads this block's output (the next block's norm1), or None
+            bias: the attention's exact bias derived with its stage (LayerBias.stage_biases), or None
         Returns:
             (output, next_norm(output)), or (output, None) without next_norm
         """
         if x_normed is None:
             x_normed = self.norm1(x)
         attn = self.attn.forward_fused(x_normed, image_size=self.input_resolution, shift_size=self.shift_size,
-                                       region_ids=self.region_ids)
+                                       region_ids=self.region_ids, bias=bias)
         x, x_normed = add_layer_norm(x, attn, self.norm2)
         mlp = mlp_forward(self.mlp, x_normed)
         if next_norm is None:
@@ -515,9 +525,10 @@ class BasicLayer(nn.Module):
         """FlashBias: the blocks at inference, each block's last residual add fused with the next block's norm1 (the
         stage's first norm1 and last add run alone: PatchMerging normalises a 4x wider gather), then the downsample."""
         x_normed = None
-        for i, blk in enumerate(self.blocks):
+        biases = LayerBias.stage_biases([blk.attn for blk in self.blocks], x)  # one launch, not one per block
+        for i, (blk, bias) in enumerate(zip(self.blocks, biases)):
             next_norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else None
-            x, x_normed = blk.forward_fused(x, x_normed, next_norm)
+            x, x_normed = blk.forward_fused(x, x_normed, next_norm, bias)
         if self.downsample is not None:
             x = self.downsample(x)
         return x

@@ -22,12 +22,12 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
 import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as top-level modules
-    from .flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, mlp_forward, residual_layer_norm,
-                                    tracing_or_exporting)
+    from .flash_bias_triton import (autocast_dtype, bias_from_table, cpb_table, flash_bias_attention, mlp_forward,
+                                    residual_layer_norm, tracing_or_exporting)
     from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 except ImportError:
-    from flash_bias_triton import (bias_from_table, cpb_table, flash_bias_attention, mlp_forward, residual_layer_norm,
-                                   tracing_or_exporting)
+    from flash_bias_triton import (autocast_dtype, bias_from_table, cpb_table, flash_bias_attention, mlp_forward,
+                                   residual_layer_norm, tracing_or_exporting)
     from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 
 
@@ -208,21 +208,22 @@ class WindowAttention(nn.Module):
         x = self.proj_drop(x)
         return x
 
-    def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None):
+    def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None, bias=None, qkv_bias=None):
         """FlashBias: this attention on the fused kernel.
 
         Args:
             x: (num_windows*B, N, C) windows, or (B, H*W, C) in image order with image_size=(H, W): the kernel then
                 does the cyclic shift by shift_size and the window partition / reverse itself
             region_ids: (num_windows, Wh*Ww) regions of the shift mask, or None
+            bias: this layer's exact bias as LayerBias.stage_biases derived it for this forward, or None
+            qkv_bias: this layer's row of qkv_biases made for its stage in this forward, or None
         """
-        qkv_bias = None
-        if self.q_bias is not None:
+        if qkv_bias is None and self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
         qkv = F.linear(input=x, weight=self.qkv.weight, bias=qkv_bias)
         x = flash_bias_attention(qkv, self.num_heads, self.logit_scale, region_ids=region_ids, image_size=image_size,
                                  window_size=self.window_size, shift_size=shift_size,
-                                 **self.flash_bias.operands(self, qkv))
+                                 **self.flash_bias.operands(self, qkv, bias))
         return self.proj_drop(self.proj(x))
 
     def use_fused_attn(self, x):
@@ -239,12 +240,32 @@ class WindowAttention(nn.Module):
         """FlashBias: the relative position bias 16 * sigmoid(cpb_mlp(relative_coords_table))[relative_position_index]
         of the current weights, (num_heads, Wh*Ww, Wh*Ww) in dtype, in two launches; no grad unless requires_grad (then
         the same math in PyTorch where grad mode is on, differentiable into cpb_mlp, for training). The MLP runs in float32
-        from upcast weights (also under .half() or autocast). center_rows: each row minus its midpoint (softmax ignores a row's
-        constant; it halves float16 rounding)."""
+        from upcast weights (also under .half() or autocast). center_rows: minus 8, the middle of 16 * sigmoid's range
+        (softmax ignores a row's constant; it halves float16 rounding)."""
+        return self.derive_biases([self], center_rows, dtype, requires_grad)[0]
+
+    @staticmethod
+    def derive_biases(layers, center_rows=False, dtype=torch.float32, requires_grad=False):
+        """FlashBias: derive_bias of several layers of one shape (a stage), (len(layers), num_heads, Wh*Ww, Wh*Ww): two
+        launches for all of them at inference."""
         with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
-            table = cpb_table(self.relative_coords_table.reshape(-1, 2), self.cpb_mlp[0].weight, self.cpb_mlp[0].bias,
-                              self.cpb_mlp[2].weight)  # (2*Wh-1)*(2*Ww-1), nH
-            return bias_from_table(table, self.relative_position_index, center_rows=center_rows, out_dtype=dtype)
+            tables = cpb_table([a.relative_coords_table.reshape(-1, 2) for a in layers],
+                               [a.cpb_mlp[0].weight for a in layers], [a.cpb_mlp[0].bias for a in layers],
+                               [a.cpb_mlp[2].weight for a in layers])  # L, (2*Wh-1)*(2*Ww-1), nH
+            return bias_from_table(tables, [a.relative_position_index for a in layers], center_rows=center_rows,
+                                   out_dtype=dtype)
+
+    @staticmethod
+    def qkv_biases(layers):
+        """FlashBias: the qkv matmul's bias cat(q_bias, 0, v_bias) of several layers of one shape, (len(layers), 3*dim)
+        in the dtype the matmul casts it to, or None without q_bias: three launches for a stage where each layer takes
+        three (zeros, cat, autocast's cast: 72 of a SwinV2-B forward's ~450 kernels)."""
+        if layers[0].q_bias is None:
+            return None
+        q_bias = layers[0].q_bias
+        zeros = torch.zeros_like(layers[0].v_bias, requires_grad=False)
+        biases = torch.cat([t for a in layers for t in (a.q_bias, zeros, a.v_bias)]).view(len(layers), -1)
+        return biases.to(autocast_dtype(q_bias.device.type) or q_bias.dtype)
 
     def bias_weights(self):
         """FlashBias: {name: tensor} derive_bias reads, in the order of the factor files' checksum."""
@@ -385,18 +406,21 @@ class SwinTransformerBlock(nn.Module):
 
         return x
 
-    def forward_fused(self, x, x_low=None):
+    def forward_fused(self, x, x_low=None, bias=None, qkv_bias=None):
         """FlashBias: the block on the fused kernels (training: see below). The attention kernel does the cyclic shift, the window partition /
         reverse and the shift mask itself; each residual + res-post-norm is one pass (drop path is the identity at
         inference), which under autocast also writes the half-precision copy the next matmul reads.
 
         Args:
             x: (B, H*W, C) the block's input; x_low: x in the autocast dtype when the previous block wrote it, else None
+            bias, qkv_bias: the attention's exact bias and qkv bias, made with its stage (BasicLayer.forward_fused), or
+                None
         Returns:
             (output, output in the autocast dtype, or None)
         """
         attn = self.attn.forward_fused(x if x_low is None else x_low, image_size=self.input_resolution,
-                                       shift_size=self.shift_size, region_ids=self.region_ids)
+                                       shift_size=self.shift_size, region_ids=self.region_ids, bias=bias,
+                                       qkv_bias=qkv_bias)
         if self.training:  # drop path is random in training: the official residual steps around the fused attention
             x = x + self.drop_path(self.norm1(attn))
             return x + self.drop_path(self.norm2(self.mlp(x))), None
@@ -460,6 +484,20 @@ class PatchMerging(nn.Module):
         x = self.norm(x)
 
         return x
+
+    def forward_fused(self, x):
+        """FlashBias: forward at inference, its norm one pass of the residual + LayerNorm kernel (no residual). Under
+        CUDA's autocast self.norm is two: a cast of the reduction's half-precision output to float32, then a float32
+        LayerNorm, ~1.3 ms of a SwinV2-B/384 batch-64 forward. x: (B, H*W, C) -> (B, H/2*W/2, 2C), as forward."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, "input feature has wrong size"
+        assert H % 2 == 0 and W % 2 == 0, f"x size ({H}*{W}) are not even."
+
+        x = x.view(B, H, W, C)
+        x = torch.cat([x[:, 0::2, 0::2, :], x[:, 1::2, 0::2, :], x[:, 0::2, 1::2, :], x[:, 1::2, 1::2, :]], -1)
+        x = self.reduction(x.view(B, -1, 4 * C))
+        return residual_layer_norm(None, x, self.norm)[0]
 
     def extra_repr(self) -> str:
         return f"input_resolution={self.input_resolution}, dim={self.dim}"
@@ -538,10 +576,13 @@ class BasicLayer(nn.Module):
         residual + LayerNorm pass wrote under autocast (the qkv matmul's input: no cast kernel), then the downsample,
         which gathers from that copy too (its matmul reads half precision under autocast anyway: same result)."""
         x_low = None
-        for blk in self.blocks:
-            x, x_low = blk.forward_fused(x, x_low)
+        attns = [blk.attn for blk in self.blocks]
+        biases = LayerBias.stage_biases(attns, x)  # two launches, not two per block
+        qkv_biases = WindowAttention.qkv_biases(attns)  # three launches, not three per block
+        for i, (blk, bias) in enumerate(zip(self.blocks, biases)):
+            x, x_low = blk.forward_fused(x, x_low, bias, None if qkv_biases is None else qkv_biases[i])
         if self.downsample is not None:
-            x = self.downsample(x if x_low is None else x_low)
+            x = self.downsample.forward_fused(x if x_low is None else x_low)
         return x
 
     def extra_repr(self) -> str:

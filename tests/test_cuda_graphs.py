@@ -94,3 +94,28 @@ def test_graph_switch(monkeypatch):
     with torch.no_grad():
         model(images(1, 32))
     assert model.flash_bias_settings.cuda_graphs is True
+
+
+def test_linear_weight_copies_for_the_graphs():
+    """The graphs' half-precision copies: every nn.Linear's weight and bias except the cpb MLP's (the bias is derived
+    in float32), refreshed from the parameters, and held by the layers only while a graph is captured."""
+    model = make_model(MINI)
+    copies = runtime._LinearWeightCopies(model, torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    cpb = {id(p) for m in model.modules() if hasattr(m, "cpb_mlp") for p in m.cpb_mlp.parameters()}
+    expected = {id(p) for m in linears for p in m.parameters(recurse=False)} - cpb
+    assert cpb and {id(p) for _, _, p in copies.slots} == expected
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(1.5)   # through .data: the next refresh reads the parameters as they are
+    copies.refresh()
+    for (_, _, p), c in zip(copies.slots, copies.copies):
+        assert c.dtype == torch.bfloat16 and torch.equal(c, p.to(torch.bfloat16))
+    qkv = model.layers[0].blocks[0].attn.qkv
+    weight = qkv.weight
+    with pytest.raises(RuntimeError, match="capture failed"):
+        with runtime._swapped_in(copies):
+            assert qkv.weight.dtype == torch.bfloat16 and qkv.weight is not weight
+            assert model.layers[0].blocks[0].attn.cpb_mlp[0].weight.dtype == torch.float32
+            raise RuntimeError("capture failed")
+    assert qkv.weight is weight and isinstance(qkv.weight, torch.nn.Parameter)

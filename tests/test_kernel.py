@@ -283,6 +283,52 @@ def test_residual_layer_norm(C, dtype, autocast):
         fb.residual_layer_norm(residual[:, :5], x, norm)
 
 
+@pytest.mark.parametrize("C", [96, 200])
+@pytest.mark.parametrize("dtype,norm_dtype,autocast", [
+    (torch.float32, torch.float32, None), (torch.float16, torch.float16, None), (torch.bfloat16, torch.bfloat16, None),
+    (torch.float16, torch.float32, None),                   # half-precision x, float32 weights: PyTorch keeps x's dtype
+    (torch.float16, torch.float32, torch.float16), (torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.float32, torch.float32, torch.float16)])
+def test_layer_norm_without_residual(C, dtype, norm_dtype, autocast):
+    """residual None: LayerNorm(x) alone (the patch merging's norm) in one pass, against float64, in the dtype
+    PyTorch's own F.layer_norm gives under the same autocast."""
+    g = fresh_generator()
+    x = (2 * torch.randn(2, 37, C, generator=g) + 0.5).to(DEVICE, dtype)
+    norm = torch.nn.LayerNorm(C).to(DEVICE, norm_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + 0.1 * torch.randn(C, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(C, generator=g))
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=autocast or torch.float16, enabled=autocast is not None):
+        out, low = fb.residual_layer_norm(None, x, norm, backend="triton")
+        try:
+            ref, ref_low = fb.residual_layer_norm(None, x, norm, backend="torch")
+        except RuntimeError:   # CUDA's LayerNorm refuses half-precision x with float32 weights; the kernel gives x's
+            assert DEVICE == "cuda" and dtype != norm_dtype and autocast is None   # dtype, as PyTorch's CPU one
+            ref, ref_low = out, low
+    assert out.dtype == ref.dtype and out.shape == x.shape
+    assert out.dtype == (torch.float32 if autocast is not None and DEVICE == "cuda" else dtype)
+    assert (low is None) == (ref_low is None) == (autocast is None)
+    exact = torch.nn.functional.layer_norm(x.double(), (C,), norm.weight.double(), norm.bias.double(), norm.eps)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+    assert rel_err(out, exact) < tol[out.dtype]
+    if low is not None:
+        assert low.dtype == ref_low.dtype == autocast and rel_err(low, exact) < tol[autocast]
+    with pytest.raises(ValueError, match=r"residual_layer_norm: residual None, x \(2, 37, 95\) and the norm's shape "
+                                         rf"\({C},\) do not fit"):
+        fb.residual_layer_norm(None, x[..., :95], norm)
+
+
+def test_layer_norm_without_residual_traces_in_torch_compile():
+    _, x, norm = layer_norm_case(C=200)
+    norm.requires_grad_(False)
+    norm.bias.copy_(0.1 * torch.randn(200, generator=fresh_generator()))   # a zero bias would hide a dropped one
+    compiled = torch.compile(lambda a: fb.residual_layer_norm(None, a, norm, backend="triton"), backend="aot_eager",
+                             fullgraph=True)
+    out, low = compiled(x)
+    exact = torch.nn.functional.layer_norm(x.double(), (200,), norm.weight.double(), norm.bias.double(), norm.eps)
+    assert low is None and rel_err(out, exact) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------
 # One backend decision for every entry point
 # ----------------------------------------------------------------------------------------------
@@ -465,6 +511,7 @@ def bias_from_table64(table, index, sigmoid_scale, center_rows):
     bias = table.double()[index.long()].permute(2, 0, 1)
     if sigmoid_scale is not None:
         bias = sigmoid_scale * torch.sigmoid(bias)
+        return bias - sigmoid_scale / 2 if center_rows else bias   # centred on the sigmoid's midpoint
     if center_rows:
         bias = bias - (bias.max(-1, keepdim=True).values + bias.min(-1, keepdim=True).values) / 2
     return bias
@@ -814,6 +861,83 @@ def test_cpb_table_bad_shapes_and_fallback():
                      backend="triton")
     table = fb.cpb_table(coords.double(), w0.double(), None, w2.double())  # "auto": float64 on PyTorch
     assert table.dtype == torch.float64
+
+
+def several_layers_case(layers, heads=4, window=(7, 7), g=None):
+    """Per layer: coords (T, 2), w0, b0, w2 of the cpb MLP and an index (N, N) of its own (permuted, so a kernel
+    that reads layer 0's index for every layer gives wrong values)."""
+    g = g or fresh_generator()
+    index, T = relative_position_index(*window)
+    cases = []
+    for _ in range(layers):
+        perm = torch.randperm(index.numel(), generator=g)
+        cases.append(dict(coords=(torch.rand(T, 2, generator=g) * 2 - 1).to(DEVICE),
+                          w0=torch.randn(64, 2, generator=g).to(DEVICE),
+                          b0=(0.5 * torch.randn(64, generator=g)).to(DEVICE),
+                          w2=(0.3 * torch.randn(heads, 64, generator=g)).to(DEVICE),
+                          index=index.view(-1)[perm].view(index.shape).to(DEVICE)))
+    return cases
+
+
+def layer_bias64(case, center_rows):
+    table = torch.relu(case["coords"].double() @ case["w0"].double().T + case["b0"].double()) @ case["w2"].double().T
+    return bias_from_table64(table, case["index"], 16.0, center_rows)
+
+
+@pytest.mark.parametrize("layers,per_launch", [(3, 32), (5, 2)])
+@pytest.mark.parametrize("center_rows,out_dtype", [(True, torch.float16), (False, torch.float32)])
+def test_several_layers_in_one_launch(layers, per_launch, center_rows, out_dtype, monkeypatch):
+    """cpb_table and bias_from_table of a stage's layers: one launch each (per MAX_LAYERS_PER_LAUNCH layers), every
+    layer's own weights and index, against float64."""
+    monkeypatch.setattr(fb, "MAX_LAYERS_PER_LAUNCH", per_launch)
+    launches = []
+    for name in ("_cpb_table_launch", "_bias_from_table_launch"):
+        original = getattr(fb, name)
+        monkeypatch.setattr(fb, name, lambda *a, _o=original, _n=name, **k: (launches.append((_n, len(a[0]))),
+                                                                             _o(*a, **k))[1])
+    cases = several_layers_case(layers)
+    with torch.no_grad():
+        tables = fb.cpb_table(*([c[k] for c in cases] for k in ("coords", "w0", "b0", "w2")), backend="triton")
+        biases = fb.bias_from_table(tables, [c["index"] for c in cases], center_rows=center_rows,
+                                    out_dtype=out_dtype, backend="triton")
+    N = cases[0]["index"].shape[0]
+    assert tables.shape == (layers, cases[0]["coords"].shape[0], 4)
+    assert biases.shape == (layers, 4, N, N) and biases.dtype == out_dtype
+    sizes = [min(per_launch, layers - s) for s in range(0, layers, per_launch)]
+    assert launches == [("_cpb_table_launch", n) for n in sizes] + [("_bias_from_table_launch", n) for n in sizes]
+    for i, case in enumerate(cases):
+        ref = layer_bias64(case, center_rows)
+        err = ((biases[i].double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < BIAS_TOL[out_dtype], (i, err)
+
+
+def test_several_layers_bad_inputs_name_the_layer():
+    cases = several_layers_case(3)
+    cases[2]["w2"] = cases[2]["w2"][:3]
+    with pytest.raises(ValueError, match="cpb_table: layer 2's weights differ in shape or dtype from layer 0's"):
+        fb.cpb_table(*([c[k] for c in cases] for k in ("coords", "w0", "b0", "w2")))
+    table = torch.zeros(cases[0]["coords"].shape[0], 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"bias_from_table: layer 1 has a \(5, 4\) .* several layers at once need"):
+        fb.bias_from_table([table, table[:5]], [cases[0]["index"]] * 2)
+    with pytest.raises(ValueError, match="bias_from_table: 1 tables for 2 indices"):
+        fb.bias_from_table([table], [cases[0]["index"]] * 2)
+
+
+def test_several_layers_with_gradients_go_layer_by_layer():
+    """Weights that need a gradient: each layer on its own differentiable path, the same values and gradients."""
+    cases = several_layers_case(2)
+    for c in cases:
+        c["w2"].requires_grad_(True)
+    tables = fb.cpb_table(*([c[k] for c in cases] for k in ("coords", "w0", "b0", "w2")))
+    biases = fb.bias_from_table(tables, [c["index"] for c in cases])
+    biases.pow(2).sum().backward()
+    for i, c in enumerate(cases):
+        grad = c["w2"].grad.clone()
+        c["w2"].grad = None
+        alone = fb.bias_from_table(fb.cpb_table(c["coords"], c["w0"], c["b0"], c["w2"]), c["index"])
+        assert torch.allclose(biases[i], alone)
+        alone.pow(2).sum().backward()
+        assert torch.allclose(grad, c["w2"].grad, rtol=1e-5, atol=1e-6)
 
 
 def test_model_bias_through_cpb_table_and_bias_from_table_kernels():
