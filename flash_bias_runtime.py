@@ -333,7 +333,7 @@ class ForwardGraphs:
         static_input = x.clone()
         enabled, dtype, _ = key[-1]
         weights = None
-        if enabled:
+        if enabled and isinstance(model, nn.Module):   # a drop-in (the adapters' targets keep autocast's casts)
             if dtype not in self.weight_copies:
                 self.weight_copies[dtype] = _LinearWeightCopies(model, dtype)
             weights = self.weight_copies[dtype]

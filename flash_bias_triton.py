@@ -1486,7 +1486,7 @@ if triton is not None:
     @triton.jit
     def _bias_from_table_fwd(table_ptrs, index_ptrs, out_ptr, stride_table_t, stride_table_h,
                              stride_index_n, stride_index_m, stride_out_l, stride_out_h, stride_out_n,
-                             num_heads, rows, cols, table_rows, sigmoid_scale, LAYERS: tl.constexpr,
+                             rows, cols, table_rows, sigmoid_scale, HEADS: tl.constexpr, LAYERS: tl.constexpr,
                              SIGMOID: tl.constexpr, CENTER: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         """BLOCK_ROWS whole rows (BLOCK_COLS >= cols: a row's midpoint needs all of it) of every head's bias of
@@ -1507,7 +1507,7 @@ if triton is not None:
         entries = table_ptr + idx * stride_table_t
         out_ptrs = out_ptr + layer.to(tl.int64) * stride_out_l + offs_r[:, None] * stride_out_n + offs_c[None, :]
         stored = (offs_r < rows)[:, None] & c_valid
-        for h in range(num_heads):
+        for h in range(HEADS):   # a constexpr bound: Triton 3.6's interpreter cannot loop to a runtime int
             b = tl.load(entries + h * stride_table_h, mask=in_table, other=float("nan")).to(tl.float32)
             if SIGMOID:
                 # centred: minus the sigmoid's midpoint, known without the row's max and min (their reductions
@@ -1551,8 +1551,8 @@ def _bias_from_table_launch(tables: Sequence[torch.Tensor], indices: Sequence[to
     grid = (triton.cdiv(rows, block_rows), len(tables))
     _launcher(_bias_from_table_fwd, wrap)[grid](
         _stacked(tables), _stacked(indices), out, table.stride(0), table.stride(1), index.stride(0), index.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), num_heads, rows, cols, table.shape[0],
-        float(sigmoid_scale if sigmoid_scale is not None else 1.0), LAYERS=len(tables),
+        out.stride(0), out.stride(1), out.stride(2), rows, cols, table.shape[0],
+        float(sigmoid_scale if sigmoid_scale is not None else 1.0), HEADS=num_heads, LAYERS=len(tables),
         SIGMOID=sigmoid_scale is not None, CENTER=center_rows, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         num_warps=4)
     return out
