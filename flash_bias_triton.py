@@ -40,7 +40,8 @@ relative-position table (T, H) through an index (N, N) into B (H, N, N) in one k
     B[h, i, j] = table[index[i, j], h]                  (Swin V1: the raw relative_position_bias_table)
 
 optionally centred: minus a constant per row, which softmax ignores and which halves the rounding of a
-float16 bias: s / 2, the sigmoid's midpoint, or (Swin V1) each row's midpoint (max_j + min_j) / 2. :func:`shifted_window_region_ids` builds the ``region_ids`` of
+float16 bias: s / 2, the sigmoid's midpoint, or (Swin V1) each row's midpoint (max_j + min_j) / 2.
+:func:`shifted_window_region_ids` builds the ``region_ids`` of
 Swin's shifted windows (the official 9 regions, in ``window_partition`` order; V1 and V2 alike).
 
 Constants: ``MASK_VALUE`` (-100), ``MAX_LOGIT_SCALE`` (ln 100), ``NORM_EPS`` (F.normalize's eps) are
@@ -1257,9 +1258,10 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
         w = tl.load(w_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
-        out = centred * rstd[:, None] * w + b
-        if HAS_RESIDUAL:
-            out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = centred * rstd[:, None] * w
+        if HAS_RESIDUAL:   # summed as before the residual became optional: (res + normed) + b, the same bits
+            out = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) + out
+        out = out + b
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_LOW:
             tl.store(low_ptr + offs, out.to(low_ptr.dtype.element_ty), mask=mask)
