@@ -372,13 +372,13 @@ class _LinearWeightCopies:
 @contextlib.contextmanager
 def _swapped_in(weights):
     """The layers hold the copies (their parameters themselves are untouched and put back)."""
-    slots = weights.slots if weights is not None else []
+    pairs = list(zip(weights.slots, weights.copies)) if weights is not None else []
     try:
-        for (module, name, _), copy in zip(slots, weights.copies if weights is not None else []):
+        for (module, name, _), copy in pairs:
             module._parameters[name] = copy
         yield
     finally:
-        for module, name, param in slots:
+        for (module, name, param), _ in pairs:
             module._parameters[name] = param
 
 

@@ -1536,6 +1536,13 @@ def _stack_layers(results: List[torch.Tensor]) -> torch.Tensor:
     return results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results)
 
 
+def _in_launches(launch, *per_layer: list) -> torch.Tensor:
+    """launch(*lists) -> (L, ...) over MAX_LAYERS_PER_LAUNCH layers at a time, concatenated."""
+    parts = [launch(*(ts[s:s + MAX_LAYERS_PER_LAUNCH] for ts in per_layer))
+             for s in range(0, len(per_layer[0]), MAX_LAYERS_PER_LAUNCH)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _bias_from_table_launch(tables: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
                             sigmoid_scale: Optional[float], center_rows: bool, out_dtype: torch.dtype,
                             wrap=None) -> torch.Tensor:
@@ -1706,10 +1713,8 @@ def _bias_from_tables(tables, indices, sigmoid_scale, center_rows, out_dtype, ba
     if not one_launch:
         return _stack_layers([bias_from_table(t, i, sigmoid_scale=sigmoid_scale, center_rows=center_rows,
                                               out_dtype=out_dtype, backend=backend) for t, i in zip(tables, indices)])
-    parts = [_bias_from_table_launch(tables[s:s + MAX_LAYERS_PER_LAUNCH], indices[s:s + MAX_LAYERS_PER_LAUNCH],
-                                     sigmoid_scale, center_rows, out_dtype)
-             for s in range(0, len(tables), MAX_LAYERS_PER_LAUNCH)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return _in_launches(lambda t, i: _bias_from_table_launch(t, i, sigmoid_scale, center_rows, out_dtype),
+                        tables, indices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1849,9 +1854,7 @@ def _cpb_tables(coords, w0, b0, w2, backend) -> torch.Tensor:
         backend, coords[0].device, tensors, _cpb_unsupported(coords[0], w0[0], w2[0]), "cpb_table") == "triton"
     if not one_launch:
         return _stack_layers([cpb_table(*layer, backend=backend) for layer in zip(coords, w0, b0, w2)])
-    chunks = range(0, len(coords), MAX_LAYERS_PER_LAUNCH)
-    parts = [_cpb_table_launch(*(ts[s:s + MAX_LAYERS_PER_LAUNCH] for ts in (coords, w0, b0, w2))) for s in chunks]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return _in_launches(_cpb_table_launch, coords, w0, b0, w2)
 
 
 # ----------------------------------------------------------------------------------------------
