@@ -110,7 +110,7 @@ class LayerBias:
         if derived is not None:
             return {"bias": derived}
         kernel = qkv.is_cuda and qkv.dtype != torch.float64
-        if torch.is_grad_enabled() and any(t.requires_grad for t in attn.bias_weights().values()):
+        if self.wants_training_bias(attn):
             # training: the exact bias in float32 (its gradient reaches the bias weights as the official math's
             # does); low-rank factors carry no gradient
             return {"bias": attn.derive_bias(dtype=torch.float32, requires_grad=True)}
@@ -126,13 +126,20 @@ class LayerBias:
         return {"bias": attn.derive_bias(center_rows=kernel, dtype=torch.float16 if kernel else torch.float32)}
 
     @staticmethod
+    def wants_training_bias(attn):
+        """Whether attn takes the float32, differentiable training bias: its bias weights need a gradient and grad mode
+        is on, or the layer is in training mode. The latter covers the reentrant torch.utils.checkpoint (the official
+        use_checkpoint): its first forward runs without grad, and must give the bits the recomputation differentiates
+        (with the float16 inference bias there, one SwinV2-T logit_scale gradient moved from 0.0226 to 0.0288)."""
+        return any(t.requires_grad for t in attn.bias_weights().values()) and (torch.is_grad_enabled() or attn.training)
+
+    @staticmethod
     def stage_biases(layers, x):
         """FlashBias: [each layer's exact bias as its operands would derive it, or None] for the attention layers of
         a stage (one shape) about to run fused at inference on x, derived together by the layers' derive_biases: on
         the kernel two launches for all where each layer would take two. None for layers that derive their own in
         operands: low-rank factors, gradients, under torch.compile (which traces layer by layer)."""
-        exact = [a for a in layers if not a.flash_bias.low_rank
-                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in a.bias_weights().values()))]
+        exact = [a for a in layers if not a.flash_bias.low_rank and not LayerBias.wants_training_bias(a)]
         if len(exact) < 2 or torch.compiler.is_compiling() or not hasattr(type(exact[0]), "derive_biases"):
             return [None] * len(layers)
         dtype = autocast_dtype(x.device.type) or x.dtype

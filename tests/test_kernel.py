@@ -146,6 +146,28 @@ def test_image_layout(image, window, shift, dtype, bias_mode):
                     image=image, window=window, shift=shift))
 
 
+@pytest.mark.parametrize("B,image,bias_mode,dtype", [
+    (3, (16, 16), "dense", torch.float16),      # 12 windows, one of each four of a single region
+    (1, (24, 24), "lowrank", torch.bfloat16),   # 9 windows, one of a single region
+    (1, (24, 24), "none", torch.float16),
+])
+def test_single_region_windows_skip_the_mask(B, image, bias_mode, dtype):
+    """A window of one region skips the mask (which adds 0 there), the others take it: Swin's own shifted regions,
+    the output stats for the backward too."""
+    args = make_case(B, 64, 2, 32, dtype, bias_mode, True, image=image, window=(8, 8), shift=4)
+    args["region_ids"] = fb.shifted_window_region_ids(image, 8, 4).to(DEVICE)
+    single = args["region_ids"].amin(1) == args["region_ids"].amax(1)
+    assert single.any() and not single.all()
+    check(args)
+    if bias_mode != "lowrank":
+        qkv = args.pop("qkv").float().requires_grad_(True)
+        fb.flash_bias_attention(qkv, **args, backend="triton").square().sum().backward()
+        expected = torch.autograd.grad(fb.attention_reference(qkv.double(), **{
+            k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()}).square()
+            .sum(), qkv)[0]
+        assert rel_err(qkv.grad, expected) < TOL[torch.float32] * 5
+
+
 @pytest.mark.skipif(CUDA, reason="the GPU runs the real block sizes; this covers them in the interpreter")
 @pytest.mark.parametrize("blocks", [{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 16, "BLOCK_N": 32}])
 def test_interpreter_other_blocks(monkeypatch, blocks):

@@ -343,6 +343,30 @@ def test_stage_biases_equal_each_layers_own():
         assert runtime.LayerBias.stage_biases(layers, x) == [None, None]
 
 
+def test_training_mode_takes_the_training_bias_also_without_grad(monkeypatch):
+    """The official use_checkpoint is torch's reentrant checkpoint: its first forward runs without grad, and must
+    derive the bias the recomputation differentiates (float32, the cpb MLP in PyTorch), not the inference bias."""
+    import swin_transformer_v2 as v2
+    model = make_model(TINY)
+    attn = model.layers[2].blocks[0].attn
+    backends = []
+    real_cpb_table = v2.cpb_table
+    monkeypatch.setattr(v2, "cpb_table", lambda *a, **k: backends.append(k.get("backend")) or real_cpb_table(*a, **k))
+    x = torch.randn(1, 4, attn.dim)
+    with torch.no_grad():
+        assert not runtime.LayerBias.wants_training_bias(attn)   # eval: the inference bias
+        model.train()
+        assert runtime.LayerBias.wants_training_bias(attn)
+        assert runtime.LayerBias.stage_biases([blk.attn for blk in model.layers[2].blocks], x) == [None, None]
+        without_grad = attn.flash_bias.operands(attn, torch.zeros(1, 1, 3 * attn.dim))["bias"]
+    with_grad = attn.flash_bias.operands(attn, torch.zeros(1, 1, 3 * attn.dim))["bias"]
+    assert backends == ["torch", "torch"]
+    assert with_grad.requires_grad and not without_grad.requires_grad
+    assert without_grad.dtype == torch.float32 and torch.equal(without_grad, with_grad.detach())
+    model.requires_grad_(False)   # frozen bias weights: the inference bias even in training mode
+    assert not runtime.LayerBias.wants_training_bias(attn)
+
+
 def test_qkv_biases_of_a_stage_are_each_layers_own():
     """One row per layer: cat(q_bias, 0, v_bias) in the dtype the qkv matmul casts it to (autocast's, else the
     weights'), the values autocast would give it layer by layer."""
@@ -825,3 +849,29 @@ def test_patch_merging_norm_on_the_kernel(monkeypatch):
     # float32 throughout: the interpreter's dots are float32 (measured 7.5e-7); on a GPU the attention kernel's are
     # tf32-like, as in test_fused_path_through_triton_interpreter's bound
     assert rel_l2(fused, official) < (2e-3 if device == "cuda" else 1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_patch_embed_forward_fused_is_the_official_patch_embed(autocast):
+    """FlashBias: PatchEmbed.forward_fused (a gathering copy, a matmul, the LayerNorm kernel) gives the official conv,
+    flatten/transpose and norm, in the dtype the official one gives, with or without autocast; the fused model takes
+    it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model(MINI).to(device)
+    embed = model.patch_embed
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # a norm at weight 1, bias 0 and a zero conv bias would hide a lost term
+        embed.proj.bias.copy_(0.1 * torch.randn(embed.embed_dim, generator=gen))
+        embed.norm.weight.copy_(0.5 + 0.1 * torch.randn(embed.embed_dim, generator=gen))
+        embed.norm.bias.copy_(0.1 * torch.randn(embed.embed_dim, generator=gen))
+    x = images(2, 32).to(device)
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+        fused, official = embed.forward_fused(x), embed(x)
+        calls = []
+        real = embed.forward_fused
+        embed.forward_fused = lambda x: calls.append(x.shape) or real(x)
+        model(x)
+    assert calls == [x.shape]
+    assert fused.shape == official.shape and fused.dtype == official.dtype
+    assert rel_l2(fused.float(), official.float()) < (1e-2 if autocast else 1e-5)
