@@ -392,7 +392,7 @@ class _GraphedForward(_PatchedForward):
     def replayable(self, x: torch.Tensor) -> bool:
         if x.device.type not in self.device_types or self.module.training or tracing_or_exporting():
             return False
-        if torch.compiler.is_compiling() or any(g.capturing for g in self.graphs.values()):
+        if torch.compiler.is_compiling() or any(g.in_forward for g in self.graphs.values()):
             return False
         if self.blocks is None:
             self.blocks = [m.__dict__["forward"] for m in self.module.modules()

@@ -202,7 +202,8 @@ class FlashBiasSettings:
         $FLASHBIAS_FACTORS_DIR (which must then hold factor files), else ./decomposed_bias of the working directory
         if it holds factor files; False: no factor files.
     cuda_graphs: replay the fused forward from CUDA graphs (ForwardGraphs). None: $FLASHBIAS_CUDA_GRAPHS ("0" off),
-        else on.
+        else on. With graphs or without, a fused forward under CUDA's autocast that no graph replays reads
+        half-precision copies of the Linear weights (ForwardGraphs.run_eagerly).
     """
 
     def __init__(self, rank_rule=None, factors_path=None, cuda_graphs=None):
@@ -216,10 +217,11 @@ class FlashBiasSettings:
         self.graphs = ForwardGraphs()
 
     def replay(self, model, x):
-        """The model's output for x replayed from a CUDA graph, or None to run eagerly: graphs are on, x is on CUDA,
-        the settings are resolved (the first forward runs eagerly), every layer runs fused with the exact bias (a
-        low-rank layer's weight check needs the host), and nothing trains, needs a gradient, traces or compiles."""
-        if not (self.cuda_graphs and x.is_cuda and self.resolved) or self.graphs.capturing:
+        """The model's output for x replayed from a CUDA graph, else run eagerly on the weight copies under autocast,
+        or None to run the plain forward. Only where x is on CUDA, the settings are resolved (the first forward runs
+        plainly), every layer runs fused with the exact bias (a low-rank layer's weight check needs the host), and
+        nothing trains, needs a gradient, traces or compiles."""
+        if not (x.is_cuda and self.resolved) or self.graphs.in_forward:
             return None
         if not self.layers[0].use_fused_attn(x) or tracing_or_exporting() or model.training:
             return None
@@ -227,7 +229,8 @@ class FlashBiasSettings:
             return None
         if torch.compiler.is_compiling() or any(attn.flash_bias.low_rank or not attn.fused_attn for attn in self.layers):
             return None
-        return self.graphs.run(model, x)
+        replayed = self.graphs.run(model, x) if self.cuda_graphs else None
+        return replayed if replayed is not None else self.graphs.run_eagerly(model, x)
 
     def resolve(self, model):
         """Give every WindowAttention of the model its bias state, all checked before any is installed, and say
@@ -303,22 +306,12 @@ class ForwardGraphs:
         self.tensors, self.tensors_version = [], None  # the model's parameters and buffers, gathered once
         self.storage = None
         self.pool = None
-        self.weight_copies = {}  # autocast dtype -> _LinearWeightCopies, one set for the graphs of that dtype
-        self.capturing = False
+        self.weight_copies = {}  # autocast dtype -> _LinearWeightCopies, one set for the graphs and eager runs of it
+        self.in_forward = False  # a capture or an eager run on the copies is under way (its forward runs plainly)
 
     def run(self, model, x):
         """model(x) from a graph, or None: run eagerly (a key seen the first time)."""
-        # walking the module tree costs ~1.7 ms at SwinV2-B (0.08 ms for the list): gather it again only when a
-        # parameter, buffer or submodule was (re)assigned anywhere; new storage of the same objects shows in data_ptr
-        if self.tensors_version != _registrations[0]:
-            self.tensors = list(itertools.chain(model.parameters(), model.buffers()))
-            self.tensors_version = _registrations[0]
-        # addresses alone: a new dtype (.half()) is new storage, made while the old is still held, so at a new address
-        storage = list(map(torch.Tensor.data_ptr, self.tensors))   # 27 us for 477 tensors (a comprehension: 34)
-        if storage != self.storage:
-            self.entries.clear()
-            self.weight_copies.clear()
-            self.storage, self.pool = storage, None
+        self._check_storage(model)
         key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, _autocast_state())
         entry = self.entries.get(key)
         if entry is None:
@@ -334,6 +327,43 @@ class ForwardGraphs:
         replay()
         return static_output.clone()
 
+    def run_eagerly(self, model, x):
+        """model(x) run eagerly with its Linear layers holding the weight copies of the autocast dtype (refreshed from
+        the parameters first, in one launch), or None without CUDA's autocast or for a graph target that is no
+        nn.Module. The ~150 casts autocast would make one by one cost ~4 ms of host time per SwinV2-B forward at
+        batch 1 (H100 host: F.linear took 58 us a call) and ~0.4 ms of GPU time at batch 64."""
+        enabled, dtype, _ = _autocast_state()
+        if not enabled or not isinstance(model, nn.Module):
+            return None
+        self._check_storage(model)
+        weights = self._weight_copies(model, dtype)
+        self.in_forward = True   # the forward below comes back through replay: there it runs plainly
+        try:
+            with _swapped_in(weights):
+                weights.refresh()
+                return model(x)
+        finally:
+            self.in_forward = False
+
+    def _check_storage(self, model):
+        """Drop the graphs and weight copies when any parameter or buffer of the model has new storage."""
+        # walking the module tree costs ~1.7 ms at SwinV2-B (0.08 ms for the list): gather it again only when a
+        # parameter, buffer or submodule was (re)assigned anywhere; new storage of the same objects shows in data_ptr
+        if self.tensors_version != _registrations[0]:
+            self.tensors = list(itertools.chain(model.parameters(), model.buffers()))
+            self.tensors_version = _registrations[0]
+        # addresses alone: a new dtype (.half()) is new storage, made while the old is still held, so at a new address
+        storage = list(map(torch.Tensor.data_ptr, self.tensors))   # 27 us for 477 tensors (a comprehension: 34)
+        if storage != self.storage:
+            self.entries.clear()
+            self.weight_copies.clear()
+            self.storage, self.pool = storage, None
+
+    def _weight_copies(self, model, dtype):
+        if dtype not in self.weight_copies:
+            self.weight_copies[dtype] = _LinearWeightCopies(model, dtype)
+        return self.weight_copies[dtype]
+
     def _capture(self, model, x, key):
         while len(self.entries) >= self.MAX_GRAPHS:
             self.entries.popitem(last=False)
@@ -341,17 +371,15 @@ class ForwardGraphs:
         enabled, dtype, _ = key[-1]
         weights = None
         if enabled and isinstance(model, nn.Module):   # a drop-in (the adapters' targets keep autocast's casts)
-            if dtype not in self.weight_copies:
-                self.weight_copies[dtype] = _LinearWeightCopies(model, dtype)
-            weights = self.weight_copies[dtype]
-        self.capturing = True
+            weights = self._weight_copies(model, dtype)
+        self.in_forward = True
         try:
             # autocast's weight-cast cache would hand the graph casts made outside it: cast inside, every replay
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False), _swapped_in(weights):
                 replay, static_output, self.pool = self.capture(lambda: _refreshed(weights, model)(static_input),
                                                                 self.pool)
         finally:
-            self.capturing = False
+            self.in_forward = False
         self.entries[key] = (replay, static_input, static_output, weights)
         self.seen.pop(key, None)
         return self.entries[key]

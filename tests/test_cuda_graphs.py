@@ -119,3 +119,39 @@ def test_linear_weight_copies_for_the_graphs():
             assert model.layers[0].blocks[0].attn.cpb_mlp[0].weight.dtype == torch.float32
             raise RuntimeError("capture failed")
     assert qkv.weight is weight and isinstance(qkv.weight, torch.nn.Parameter)
+
+
+def test_eager_run_on_the_weight_copies(monkeypatch):
+    """Without a graph (graphs off, or a key seen the first time), a fused forward under CUDA's autocast runs eagerly
+    with the layers holding the weight copies, refreshed first: the output autocast's own casts give, following
+    in-place weight updates, the parameters back afterwards. (CPU: CUDA's autocast state faked, CPU autocast on;
+    each step in its own autocast region, as autocast caches its casts until the region ends.)"""
+    model = make_model(MINI)
+    graphs = model.flash_bias_settings.graphs
+    seen = []
+    model.head.register_forward_hook(lambda m, i, o: seen.append(m.weight.dtype))
+    head_weight = model.head.weight
+    x = images(2, 32)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    with torch.no_grad():
+        with autocast():
+            assert graphs.run_eagerly(model, x) is None   # CUDA's autocast off: nothing to replace
+            expected = model(x)
+        monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
+        with autocast():
+            out = graphs.run_eagerly(model, x)
+        assert seen == [torch.float32, torch.bfloat16] and torch.equal(out, expected)
+        assert model.head.weight is head_weight and not graphs.in_forward
+        for p in model.parameters():
+            p.data.mul_(1.1)
+        with autocast():
+            out = graphs.run_eagerly(model, x)
+        with autocast():
+            assert torch.equal(out, model(x)) and not torch.equal(out, expected)
+        model.head.weight = torch.nn.Parameter(head_weight.detach().clone())   # new storage: new copies
+        with autocast():
+            graphs.run_eagerly(model, x)
+        assert id(model.head.weight) in {id(p) for _, _, p in graphs.weight_copies[torch.bfloat16].slots}

@@ -121,6 +121,21 @@ def test_cuda_graph_follows_new_weights():
     assert torch.equal(out, _eager_reference(model, x.half(), torch.float32))
 
 
+def test_eager_forward_on_the_weight_copies_equals_autocast():
+    """Graphs off: after the first forward, the fused eager forward reads the half-precision weight copies, with the
+    same bits as autocast's own casts, and follows new weights."""
+    model, other = make_model(TINY, seed=0).cuda(), make_model(TINY, seed=1).cuda()
+    x = images(4, 64).cuda()
+    expected = _eager_reference(model, x, torch.float16)   # the first forward of new settings: plain autocast
+    model.set_flash_bias(cuda_graphs=False)
+    outs = [_logits(model, x, torch.float16) for _ in range(3)]
+    graphs = model.flash_bias_settings.graphs
+    assert not graphs.entries and torch.float16 in graphs.weight_copies
+    assert all(torch.equal(out, expected) for out in outs)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(_logits(model, x, torch.float16), _eager_reference(other, x, torch.float16))
+
+
 def test_cuda_graph_shapes_alternate_and_partial_batch():
     model = make_model(TINY).cuda()
     batches = [images(n, 64, seed=n).cuda() for n in (4, 2)]
