@@ -330,8 +330,9 @@ class ForwardGraphs:
     def run_eagerly(self, model, x):
         """model(x) run eagerly with its Linear layers holding the weight copies of the autocast dtype (refreshed from
         the parameters first, in one launch), or None without CUDA's autocast or for a graph target that is no
-        nn.Module. The ~150 casts autocast would make one by one cost ~4 ms of host time per SwinV2-B forward at
-        batch 1 (H100 host: F.linear took 58 us a call) and ~0.4 ms of GPU time at batch 64."""
+        nn.Module. Against autocast's ~150 casts one by one, an eager SwinV2-B/384 forward at batch 1 took 5-9 ms less
+        host time (H100 host, alternating runs; F.linear took 58 us a call), and at batch 64 the casts' 0.41 ms of GPU
+        time became one 0.20 ms copy."""
         enabled, dtype, _ = _autocast_state()
         if not enabled or not isinstance(model, nn.Module):
             return None

@@ -875,3 +875,13 @@ def test_patch_embed_forward_fused_is_the_official_patch_embed(autocast):
     assert calls == [x.shape]
     assert fused.shape == official.shape and fused.dtype == official.dtype
     assert rel_l2(fused.float(), official.float()) < (1e-2 if autocast else 1e-5)
+
+
+def test_patch_embed_forward_fused_takes_channels_last_images():
+    """An image in channels_last memory format (as some data pipelines give) embeds as the official module does."""
+    model = make_model(MINI)
+    x = images(2, 32)
+    with torch.no_grad():
+        expected = model.patch_embed(x)
+        out = model.patch_embed.forward_fused(x.to(memory_format=torch.channels_last))
+    assert rel_l2(out, expected) < 1e-5
