@@ -699,3 +699,22 @@ def test_official_build_model_builds_the_dropin(tmp_path):
                           env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "BUILT SwinTransformer" in proc.stdout
+
+
+def test_eager_run_on_the_weight_copies(monkeypatch):
+    """V1 shares the runtime's eager run on the half-precision weight copies: the layers hold the copies during the
+    forward, the output is autocast's own, and the parameters are back afterwards. (CPU: CUDA's autocast state
+    faked, CPU autocast on; a fresh autocast region per step, as autocast caches its casts until the region ends.)"""
+    model = make_model(MINI)
+    graphs = model.flash_bias_settings.graphs
+    seen = []
+    model.head.register_forward_hook(lambda m, i, o: seen.append(m.weight.dtype))
+    x = images(2, MINI["img_size"])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model(x)
+        monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = graphs.run_eagerly(model, x)
+    assert seen == [torch.float32, torch.bfloat16] and torch.equal(out, expected)
+    assert isinstance(model.head.weight, torch.nn.Parameter) and model.head.weight.dtype == torch.float32
