@@ -1561,13 +1561,18 @@ if triton is not None:
             tl.store(out_ptrs + h * stride_out_h, b.to(out_ptr.dtype.element_ty), mask=stored)
 
 
-def _stacked(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """The layers' tensors as one launch's pointers: a tuple (several layers) or the tensor itself (one), with one
-    shape, dtype and strides for all (made contiguous where they differ)."""
+def _one_layout(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """The layers' tensors with one set of strides, which one launch passes for all: made contiguous where they
+    differ. Read the strides from the result."""
     tensors = tuple(tensors)
     if any(t.stride() != tensors[0].stride() for t in tensors):
         tensors = tuple(t.contiguous() for t in tensors)
-    return tensors if len(tensors) > 1 else tensors[0]
+    return tensors
+
+
+def _stacked(tensors: Sequence[torch.Tensor]):
+    """The layers' tensors (of one layout) as one launch's pointers: a tuple (several layers) or the tensor itself."""
+    return tuple(tensors) if len(tensors) > 1 else tensors[0]
 
 
 def _stack_layers(results: List[torch.Tensor]) -> torch.Tensor:
@@ -1586,6 +1591,7 @@ def _bias_from_table_launch(tables: Sequence[torch.Tensor], indices: Sequence[to
                             sigmoid_scale: Optional[float], center_rows: bool, out_dtype: torch.dtype,
                             wrap=None) -> torch.Tensor:
     """(L, H, rows, cols): one launch for L <= MAX_LAYERS_PER_LAUNCH layers' (T, H) tables and (rows, cols) indices."""
+    tables, indices = _one_layout(tables), _one_layout(indices)
     table, index = tables[0], indices[0]
     num_heads = table.shape[1]
     rows, cols = index.shape

@@ -933,6 +933,19 @@ def test_several_layers_in_one_launch(layers, per_launch, center_rows, out_dtype
         assert err < BIAS_TOL[out_dtype], (i, err)
 
 
+def test_several_layers_with_tables_of_different_strides():
+    """Each layer's table is read with its own layout: a heads-first table, a (T, H) one and a column slice of a
+    wider one in one call give each layer's own bias."""
+    g = fresh_generator()
+    T, H, N = 15, 3, 9
+    index = torch.randint(0, T, (N, N), generator=g).to(DEVICE)
+    dense = torch.randn(T, H, generator=g).to(DEVICE)
+    tables = [torch.randn(H, T, generator=g).to(DEVICE).t(), dense, torch.randn(T, H + 2, generator=g).to(DEVICE)[:, :H]]
+    biases = fb.bias_from_table(tables, [index] * 3, out_dtype=torch.float32, backend="triton")
+    for table, bias in zip(tables, biases):
+        assert torch.allclose(bias, fb.bias_from_table(table, index, backend="torch"), atol=1e-6)
+
+
 def test_several_layers_bad_inputs_name_the_layer():
     cases = several_layers_case(3)
     cases[2]["w2"] = cases[2]["w2"][:3]
