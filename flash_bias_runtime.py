@@ -131,7 +131,8 @@ class LayerBias:
         is on, or the layer is in training mode. The latter covers the reentrant torch.utils.checkpoint (the official
         use_checkpoint): its first forward runs without grad, and must give the bits the recomputation differentiates
         (with the float16 inference bias there, one SwinV2-T logit_scale gradient moved from 0.0226 to 0.0288)."""
-        return any(t.requires_grad for t in attn.bias_weights().values()) and (torch.is_grad_enabled() or attn.training)
+        # grad mode and training first: at inference they answer without building the weights' dict per layer
+        return (torch.is_grad_enabled() or attn.training) and any(t.requires_grad for t in attn.bias_weights().values())
 
     @staticmethod
     def stage_biases(layers, x):
