@@ -71,9 +71,28 @@ def check_backward(args, tol=None, needs_grad=("qkv", "logit_scale", "bias")):
         assert not torch.isnan(grad).any(), f"NaN in {GRAD_OF[name]}: an element was not written"
         errors[name] = rel_err(grad, ref[name])
         limit = tol or TOL[qkv.dtype]
-        limit = max(limit, LOGIT_SCALE_TOL[qkv.dtype]) if name == "logit_scale" else limit
+        if name == "logit_scale":
+            limit = max(limit, LOGIT_SCALE_TOL[qkv.dtype])
+            if errors[name] >= limit and qkv.dtype != torch.float32:
+                limit = max(limit, 2 * rounding_spread(args, grad_out, ref[name]) + 0.01)
         assert errors[name] < limit, (GRAD_OF[name], errors[name])
     return errors
+
+
+def rounding_spread(args, grad_out, ref_scale_grad, draws=4):
+    """How far d logit_scale moves (relative to ref_scale_grad) when qkv moves by one rounding of its dtype, in
+    float64. It sums rowsum(dS * S) over every row, and some draws cancel so far that this spread is large: one
+    float16 case moved over 0.04-0.22 around 0.115, where the kernel gave 0.171. There a fixed bound tests the draw,
+    not the kernel."""
+    qkv = args["qkv"].double()
+    eps = torch.finfo(args["qkv"].dtype).eps / 2
+    spread = 0.0
+    for i in range(draws):
+        noise = torch.randn(qkv.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        moved = gradients({**args, "qkv": qkv * (1 + eps * noise.to(qkv.device))}, grad_out, "torch", torch.float64,
+                          needs_grad=("logit_scale",))["logit_scale"]
+        spread = max(spread, rel_err(moved, ref_scale_grad))
+    return spread
 
 
 def with_design(monkeypatch, design):
