@@ -57,6 +57,8 @@ class FakeKernel:
 def fake_cuda(monkeypatch):
     """A CUDA device 0 and stream 77; Triton's launch hooks left at their defaults (None, or an empty HookChain),
     which must count as no hooks."""
+    if fb._triton_knobs is None:
+        pytest.skip("Triton < 3.3: every eager launch goes through kernel[grid]")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77, raising=False)
 
@@ -176,6 +178,8 @@ def test_direct_launches_equal_triton_launches_bit_for_bit(monkeypatch):
             normed = [t for branch in branches for t in fb.residual_layer_norm(x, branch, norm)]
         return [bias, table, *outs, *normed]
 
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 3):
+        pytest.skip("Triton < 3.3: every eager launch goes through kernel[grid]")
     assert fb._DIRECT_LAUNCH, f"Triton {triton.__version__} has no triton.knobs: every launch goes through kernel[grid]"
     monkeypatch.setattr(fb, "BIND_LAUNCHES", False)
     through_triton = calls()
