@@ -249,9 +249,9 @@ class WindowAttention(nn.Module):
         """FlashBias: derive_bias of several layers of one shape (a stage), (len(layers), num_heads, Wh*Ww, Wh*Ww): two
         launches for all of them at inference."""
         with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
-            # the training bias in PyTorch also without grad (checkpoint's first forward): the same bits as with it
             # iterated, not indexed: Sequential's indexing took ~160 of 490 us for SwinV2-B's 18-layer stage
             mlps = [tuple(a.cpb_mlp) for a in layers]
+            # the training bias in PyTorch also without grad (checkpoint's first forward): the same bits as with it
             tables = cpb_table([a.relative_coords_table.reshape(-1, 2) for a in layers],
                                [m[0].weight for m in mlps], [m[0].bias for m in mlps], [m[2].weight for m in mlps],
                                backend="torch" if requires_grad else None)  # L, (2*Wh-1)*(2*Ww-1), nH
