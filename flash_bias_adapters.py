@@ -21,7 +21,7 @@ transformers is not asked for attention weights or a head mask, and no forward h
 
 The fused block is the drop-in's (``swin_transformer_v2.SwinTransformerBlock.forward_fused``): one qkv projection,
 the kernel in image layout (it does the cyclic shift, the window partition / reverse and the shift mask itself),
-the output projection, and each residual + post-norm in one pass (``residual_layer_norm``). The bias
+the output projection, and the block's two residual + post-norm steps in two passes (``residual_steps``). The bias
 ``16 * sigmoid(cpb_mlp(relative_coords_table))[relative_position_index]`` is derived from the current weights in
 every fused forward (``bias_from_table``; float16 with centred rows for the kernel), so it is never stale.
 
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from flash_bias_runtime import ForwardGraphs
 from flash_bias_triton import (BACKENDS, autocast_dtype, bias_from_table, flash_bias_attention, region_mask,
-                               residual_layer_norm, shifted_window_region_ids, tracing_or_exporting)
+                               residual_steps, shifted_window_region_ids, tracing_or_exporting)
 
 __all__ = ["patch_timm", "patch_transformers", "unpatch", "is_patched"]
 
@@ -271,9 +271,9 @@ class _TimmBlockForward(_BlockForward):
             attended = self.attend(qkv, regions, image_size=(H, W), shift_size=sh)
         else:
             attended = self.attend_windows(x, regions)
-        x, x_low = residual_layer_norm(x.reshape(B, H * W, C), attended, block.norm1, backend=self.backend)
-        mlp_out = block.mlp(x if x_low is None else x_low)
-        return residual_layer_norm(x, mlp_out, block.norm2, backend=self.backend)[0].reshape(B, H, W, C)
+        x, _ = residual_steps(x.reshape(B, H * W, C), attended, block.norm1, block.mlp, block.norm2,
+                              backend=self.backend)
+        return x.reshape(B, H, W, C)
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attention
@@ -347,9 +347,9 @@ class _TransformersLayerForward(_BlockForward):
         out = layer.attention.output.dense(out)
         if padded != (H, W):
             out = out.reshape(B, padded[0], padded[1], C)[:, :H, :W].reshape(B, H * W, C)
-        x, x_low = residual_layer_norm(hidden_states, out, layer.layernorm_before, backend=self.backend)
-        mlp_out = layer.output(layer.intermediate(x if x_low is None else x_low))
-        return residual_layer_norm(x, mlp_out, layer.layernorm_after, backend=self.backend)[0]
+        return residual_steps(hidden_states, out, layer.layernorm_before,
+                              lambda x1: layer.output(layer.intermediate(x1)), layer.layernorm_after,
+                              backend=self.backend)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,9 +139,10 @@ class LayerBias:
         """FlashBias: [each layer's exact bias as its operands would derive it, or None] for the attention layers of
         a stage (one shape) about to run fused at inference on x, derived together by the layers' derive_biases: on
         the kernel two launches for all where each layer would take two. None for layers that derive their own in
-        operands: low-rank factors, gradients, under torch.compile (which traces layer by layer)."""
+        operands: low-rank factors, gradients. Under torch.compile the two launches are two opaque ops (their kernels
+        take a tuple of pointers, which Inductor cannot launch itself)."""
         exact = [a for a in layers if not a.flash_bias.low_rank and not LayerBias.wants_training_bias(a)]
-        if len(exact) < 2 or torch.compiler.is_compiling() or not hasattr(type(exact[0]), "derive_biases"):
+        if len(exact) < 2 or not hasattr(type(exact[0]), "derive_biases"):
             return [None] * len(layers)
         dtype = autocast_dtype(x.device.type) or x.dtype
         kernel = x.is_cuda and dtype != torch.float64   # as operands: float16 with centred rows for the kernel

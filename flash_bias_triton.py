@@ -23,6 +23,11 @@ output projection reads. The bias B_h is given in one of three forms:
 
 The shift mask M_g (-100 between tokens of different regions of a shifted window, as the official
 code) comes from a per-window ``region_ids`` table (nW, N): no (windows, N, N) mask exists anywhere.
+A window of one region skips the mask. A window whose ids lie within 16 of its smallest id (Swin's
+shifted windows: ids 0..8) gets the mask as one more score dot of 16 columns, one-hot ids scaled by 100
+against one-hot ids: it adds 100 within a region instead of -100 across regions, a constant per row
+that softmax ignores (the log-sum-exp stored for the backward subtracts it again). Other ids (any
+integer dtype, any spread) are compared as given.
 
 Two token layouts:
 
@@ -71,7 +76,8 @@ summed: deterministic); "atomic", a float32 atomic add of each dS tile from the 
 kernel; the order of the adds varies). The low-rank factors have no backward.
 
 Two small kernels fuse the residual adds around the attention with their LayerNorm:
-:func:`residual_layer_norm`, SwinV2's res-post-norm ``shortcut + LayerNorm(branch)``, and
+:func:`residual_layer_norm`, SwinV2's res-post-norm ``shortcut + LayerNorm(branch)`` (:func:`residual_steps`: a
+block's two such steps, the first sum recomputed by the second pass instead of stored in float32), and
 :func:`add_layer_norm`, Swin V1's pre-norm step ``s = x + branch`` with ``LayerNorm(s)`` for the next
 sub-block (V1 blocks are ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``). Each reads its inputs
 once and, under autocast, writes the normalised result in the autocast dtype (what the next matmul
@@ -109,8 +115,8 @@ try:  # Triton >= 3.3: its launch hooks live here (see _BoundLaunches)
 except ImportError:
     _triton_knobs = None
 
-__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "add_layer_norm", "cpb_table", "tracing_or_exporting",
-           "autocast_dtype", "mlp_forward", "patch_embed_forward",
+__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "residual_steps", "add_layer_norm",
+           "cpb_table", "tracing_or_exporting", "autocast_dtype", "mlp_forward", "patch_embed_forward",
            "bias_from_table", "shifted_window_region_ids", "region_mask", "kernel_available", "MASK_VALUE",
            "MAX_LOGIT_SCALE", "NORM_EPS", "MAX_RANK", "MAX_HEAD_DIM", "BACKENDS"]
 
@@ -142,6 +148,13 @@ if triton is not None:
             r = tl.where(r >= IMG_H, r - IMG_H, r)
             c = tl.where(c >= IMG_W, c - IMG_W, c)
         return r * IMG_W + c
+
+    @triton.jit
+    def _f32(x):
+        # a float argument as float32, as Triton's own launcher types a Python float: torch.compile's launcher
+        # types it float64, which turned the LayerNorm's statistics into float64 math (different bits, and
+        # 0.367 against 0.306 ms at SwinV2-B/384 stage 1 on an H100). tl.cast: the interpreter passes a Python float
+        return tl.cast(x, tl.float32)
 
     @triton.jit
     def _operand(x, WIDEN: tl.constexpr):
@@ -181,25 +194,39 @@ if triton is not None:
         return _operand((q32 * scale).to(q.dtype), WIDEN_DOTS)
 
     @triton.jit
-    def _mixed_regions(region_base, N: tl.constexpr, N_PAD: tl.constexpr):
-        """Whether a window's N region ids differ. A window of one region (9 of 16 at SwinV2-B/384 stage 1) takes
-        no mask, which would add 0 everywhere."""
+    def _mixed_regions(region_base, N: tl.constexpr, N_PAD: tl.constexpr, REGION_COLS: tl.constexpr):
+        """(lo, mixed, onehot) of a window's N region ids: the smallest id; whether the ids differ (a window of one
+        region, 9 of 16 at SwinV2-B/384 stage 1, takes no mask, which would add 0 everywhere); whether they differ
+        and all lie in [lo, lo + REGION_COLS), so that the mask can be a one-hot dot (see _region_onehot)."""
         offs = tl.arange(0, N_PAD)
         ids = tl.load(region_base + offs, mask=offs < N, other=tl.load(region_base))
-        return tl.min(ids, 0) != tl.max(ids, 0)
+        lo = tl.min(ids, 0)
+        spread = tl.max(ids, 0).to(tl.int64) - lo.to(tl.int64)   # negative where int64 ids wrapped: not one-hot
+        return lo, spread != 0, (spread > 0) & (spread < REGION_COLS)
 
     @triton.jit
-    def _attn_inner(acc, l_i, m_i, q, q_fac, region_q, mixed, offs_m, m_valid,
+    def _region_onehot(ids, lo, value, dtype: tl.constexpr, REGION_COLS: tl.constexpr, WIDEN_DOTS: tl.constexpr):
+        """(len(ids), REGION_COLS) dot operand in dtype: value in column ids - lo, else 0. The queries' operand with
+        value -MASK_VALUE dotted with the keys' with value 1 adds -MASK_VALUE to the scores of same-region pairs: one
+        K = REGION_COLS dot instead of 3 elementwise operations a score (1 and -MASK_VALUE = 100 are exact in every dot
+        dtype, tf32 included)."""
+        cols = tl.arange(0, REGION_COLS)
+        return _operand(tl.where((ids - lo)[:, None] == cols[None, :], value, 0.0).to(dtype), WIDEN_DOTS)
+
+    @triton.jit
+    def _attn_inner(acc, l_i, m_i, q, q_fac, region_q, onehot_q, region_lo, mixed, onehot, offs_m, m_valid,
                     k_base, v_base, stride_l, bias_base, stride_bias_m, qf_base, kf_base, stride_fac_n,
                     region_base, row0, col0,
                     N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     RANK, RANK_PAD: tl.constexpr,
                     IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
                     BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
-                    WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, NORM_EPS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr,
+                    NORM_EPS: tl.constexpr, REGION_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The key blocks of one window for BLOCK_M queries: (acc, l_i, m_i) of the online softmax, m_i in log2
-        units. mixed: whether the window holds more than one region (only those get the mask)."""
+        units. mixed: whether the window holds more than one region (only those get the mask); onehot: whether its
+        mask is the one-hot dot with onehot_q (region ids from region_lo), which adds -MASK_VALUE within a region
+        instead of MASK_VALUE across regions (a row's constant: see _flash_bias_fwd for the LSE)."""
         LOG2E: tl.constexpr = 1.4426950408889634
         EVEN_N: tl.constexpr = N % BLOCK_N == 0
         offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -214,6 +241,11 @@ if triton is not None:
                 k32 = k.to(tl.float32)
                 k = (k32 * _inv_norm(k32, NORM_EPS)[:, None]).to(k.dtype)
             qk = tl.dot(q, tl.trans(_operand(k, WIDEN_DOTS)))
+            if HAS_MASK:
+                if onehot:
+                    region_k = tl.load(region_base + offs_n, mask=n_valid, other=0)
+                    onehot_k = _region_onehot(region_k, region_lo, 1.0, k.dtype, REGION_COLS, WIDEN_DOTS)
+                    qk = tl.dot(onehot_q, tl.trans(onehot_k), qk)
             if BIAS_MODE == 2:
                 if RANK_PAD <= HEAD_DIM_PAD:
                     offs_r = tl.arange(0, RANK_PAD)
@@ -237,7 +269,7 @@ if triton is not None:
                 qk += tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :],
                               mask=b_mask, other=0.0).to(tl.float32)
             if HAS_MASK:
-                if mixed:
+                if mixed and not onehot:   # ids spread over REGION_COLS or more: compared as given
                     region_k = tl.load(region_base + offs_n, mask=n_valid, other=0)
                     qk += tl.where(region_q[:, None] == region_k[None, :], 0.0, MASK_VALUE)
             if not EVEN_N:
@@ -268,6 +300,8 @@ if triton is not None:
         A flat grid with the query block fastest, then the head, then the window: programs that run
         together share K/V tiles and the bias of a head in L2, and no grid axis limits the batch.
         STORE_LSE: also each row's log-sum-exp, float32 (B, H*W, H) in token order, for the backward."""
+        # the one-hot mask's columns: tl.dot's smallest K; Swin's shifted windows hold ids 0..8
+        REGION_COLS: tl.constexpr = 16
         NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
         pid = tl.program_id(0)
         m_block = pid % NUM_M
@@ -286,7 +320,7 @@ if triton is not None:
         q = tl.load(qkv_base + tok_m[:, None] * stride_qkv_l + offs_d[None, :],
                     mask=m_valid[:, None] & d_valid[None, :], other=0.0)
         # cosine attention: q normalised with the clamped per-head logit scale folded in
-        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else qk_scale
+        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else _f32(qk_scale)
         q = _query_operand(q, scale, COSINE, NORM_EPS, WIDEN_DOTS)
 
         q_fac = q
@@ -299,27 +333,35 @@ if triton is not None:
             q_fac = _operand(q_fac, WIDEN_DOTS)
         region_q = offs_m
         region_base = region_ptr
+        region_lo = 0
         mixed = False
+        onehot = False
+        onehot_q = q   # without a mask never read
         if HAS_MASK:
             region_base = region_ptr + (g % num_region_windows) * stride_region_w
             region_q = tl.load(region_base + offs_m, mask=m_valid, other=0)
-            mixed = _mixed_regions(region_base, N, N_PAD)
+            region_lo, mixed, onehot = _mixed_regions(region_base, N, N_PAD, REGION_COLS)
+            onehot_q = _region_onehot(region_q, region_lo, -MASK_VALUE, qkv_ptr.dtype.element_ty, REGION_COLS,
+                                      WIDEN_DOTS)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, q_fac, region_q, mixed, offs_m, m_valid,
-                               qkv_base + C, qkv_base + 2 * C, stride_qkv_l,
+        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, q_fac, region_q, onehot_q, region_lo, mixed, onehot,
+                               offs_m, m_valid, qkv_base + C, qkv_base + 2 * C, stride_qkv_l,
                                bias_ptr + h * stride_bias_h, stride_bias_m, qf_base, kf_base, stride_fac_n,
                                region_base, row0, col0,
                                N, HEAD_DIM, HEAD_DIM_PAD, RANK, RANK_PAD, IMG_H, IMG_W, WIN_W, SHIFT,
-                               BIAS_MODE, HAS_MASK, COSINE, WIDEN_DOTS, MASK_VALUE, NORM_EPS, BLOCK_M, BLOCK_N)
+                               BIAS_MODE, HAS_MASK, COSINE, WIDEN_DOTS, MASK_VALUE, NORM_EPS,
+                               REGION_COLS, BLOCK_M, BLOCK_N)
         acc = acc / l_i[:, None]
         out_ptrs = (out_ptr + b.to(tl.int64) * stride_out_b + tok_m[:, None] * stride_out_l
                     + h * HEAD_DIM + offs_d[None, :])
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
         if STORE_LSE:   # m_i is in log2 units
             lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            if onehot:   # the one-hot mask's rows sit -MASK_VALUE above the official ones, which the backward uses
+                lse += MASK_VALUE
             tl.store(lse_ptr + (b.to(tl.int64) * (IMG_H * IMG_W) + tok_m) * num_heads + h, lse, mask=m_valid)
 
     def _prune_configs(configs, named_args, **kwargs):
@@ -486,7 +528,7 @@ if triton is not None:
         h = gh % num_heads
         g = gh // num_heads
         b, row0, col0 = _window_origin(g, IMG_H, IMG_W, WIN_H, WIN_W)
-        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else qk_scale
+        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else _f32(qk_scale)
         q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
         do_base = do_ptr + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
         dq_base = dqkv_ptr + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
@@ -588,7 +630,7 @@ if triton is not None:
         h = pid // (NUM_N * NUM_M) % num_heads
         chunk = pid // (NUM_N * NUM_M * num_heads)
         valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
-        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else qk_scale
+        scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else _f32(qk_scale)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         g_end = tl.minimum(chunk * windows_per_chunk + windows_per_chunk, num_windows)
         for g in range(chunk * windows_per_chunk, g_end):
@@ -898,7 +940,8 @@ def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Option
                 RANK=rank, RANK_PAD=max(16, _next_pow2(rank)) if rank else 16,
                 IMG_H=img_h, IMG_W=img_w, WIN_H=win_h, WIN_W=win_w, SHIFT=shift_size,
                 BIAS_MODE=bias_mode, HAS_MASK=region_ids is not None, COSINE=logit_scale is not None,
-                STORE_LSE=lse is not None, WIDEN_DOTS=interpreting and qkv.dtype == torch.bfloat16,
+                STORE_LSE=lse is not None,
+                WIDEN_DOTS=interpreting and qkv.dtype == torch.bfloat16,
                 MASK_VALUE=MASK_VALUE, MAX_LOGIT_SCALE=MAX_LOGIT_SCALE, NORM_EPS=NORM_EPS)
     programs = B * windows * num_heads
 
@@ -1342,29 +1385,46 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optiona
 if triton is not None:
 
     @triton.jit
-    def _residual_layer_norm_fwd(res_ptr, x_ptr, w_ptr, b_ptr, out_ptr, low_ptr, rows, eps,
-                                 C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-                                 HAS_RESIDUAL: tl.constexpr, HAS_LOW: tl.constexpr):
-        """ROWS rows of out = res + LayerNorm(x) * w + b (without HAS_RESIDUAL: LayerNorm(x) * w + b, res_ptr
-        unread), statistics in float32; also out in the next matmul's dtype (HAS_LOW), which saves autocast a
-        separate cast. All tensors (rows, C) contiguous."""
-        offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        offs_c = tl.arange(0, BLOCK_C)
-        r_valid = offs_r < rows
-        c_valid = offs_c < C
-        mask = r_valid[:, None] & c_valid[None, :]
-        offs = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+    def _post_norm(res, x_ptr, w_ptr, b_ptr, eps, offs, mask, offs_c, c_valid, C: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr):
+        """res + LayerNorm(x) * w + b of a (rows, BLOCK_C) tile, float32, statistics in float32 (HAS_RESIDUAL
+        False: without res). Summed (res + normed) + b in every kernel that takes the step: a sum recomputed by
+        the next step has the bits of the one a step stores."""
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, 1) / C
         centred = tl.where(c_valid[None, :], x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + _f32(eps))
         w = tl.load(w_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
         out = centred * rstd[:, None] * w
-        if HAS_RESIDUAL:   # summed as before the residual became optional: (res + normed) + b, the same bits
-            out = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) + out
-        out = out + b
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_RESIDUAL:
+            out = res + out
+        return out + b
+
+    @triton.jit
+    def _residual_layer_norm_fwd(res_ptr, x_ptr, w_ptr, b_ptr, out_ptr, low_ptr,
+                                 earlier_ptr, earlier_w_ptr, earlier_b_ptr, rows, eps, earlier_eps,
+                                 C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+                                 HAS_RESIDUAL: tl.constexpr, HAS_EARLIER: tl.constexpr, STORE_OUT: tl.constexpr,
+                                 HAS_LOW: tl.constexpr):
+        """ROWS rows of out = res + LayerNorm(x) * w + b (without HAS_RESIDUAL: LayerNorm(x) * w + b, res_ptr
+        unread); HAS_EARLIER: res is first replaced by the earlier step's res + LayerNorm(earlier) * w' + b',
+        recomputed. Stores out (STORE_OUT) and out in the next matmul's dtype (HAS_LOW), which saves autocast a
+        separate cast. All tensors (rows, C) contiguous."""
+        offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_valid = offs_c < C
+        mask = (offs_r < rows)[:, None] & c_valid[None, :]
+        offs = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+        res = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+        if HAS_RESIDUAL:
+            res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_EARLIER:
+            res = _post_norm(res, earlier_ptr, earlier_w_ptr, earlier_b_ptr, earlier_eps, offs, mask, offs_c,
+                             c_valid, C, HAS_RESIDUAL)
+        out = _post_norm(res, x_ptr, w_ptr, b_ptr, eps, offs, mask, offs_c, c_valid, C, HAS_RESIDUAL or HAS_EARLIER)
+        if STORE_OUT:
+            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_LOW:
             tl.store(low_ptr + offs, out.to(low_ptr.dtype.element_ty), mask=mask)
 
@@ -1382,12 +1442,17 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def _residual_layer_norm_launch(residual: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                                 bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
-                                low_dtype: Optional[torch.dtype], wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                                low_dtype: Optional[torch.dtype], earlier: Optional[torch.Tensor] = None,
+                                earlier_weight: Optional[torch.Tensor] = None,
+                                earlier_bias: Optional[torch.Tensor] = None, earlier_eps: float = 0.0,
+                                store_out: bool = True, wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's launch: (out, low), each (0,) where it is not stored."""
     C = x.shape[-1]
     rows = x.numel() // C
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    earlier = earlier.contiguous() if earlier is not None else None
+    out = torch.empty(x.shape if store_out else (0,), device=x.device, dtype=out_dtype)
     low = torch.empty(x.shape if low_dtype is not None else (0,), device=x.device, dtype=low_dtype or out_dtype)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
@@ -1396,17 +1461,23 @@ def _residual_layer_norm_launch(residual: Optional[torch.Tensor], x: torch.Tenso
     rows_per_program = max(1, min(64, 4096 // block_c))
     grid = (_cdiv(rows, rows_per_program),)
     _launcher(_residual_layer_norm_fwd, wrap)[grid](
-        residual if residual is not None else x, x, weight, bias, out, low if low_dtype is not None else out, rows,
-        eps, C=C, BLOCK_C=block_c, ROWS=rows_per_program, HAS_RESIDUAL=residual is not None,
-        HAS_LOW=low_dtype is not None, num_warps=4 if block_c <= 512 else 8)
+        residual if residual is not None else x, x, weight, bias, out if store_out else low,
+        low if low_dtype is not None else out, earlier if earlier is not None else x,
+        earlier_weight if earlier is not None else weight, earlier_bias if earlier is not None else bias,
+        rows, eps, earlier_eps, C=C, BLOCK_C=block_c, ROWS=rows_per_program, HAS_RESIDUAL=residual is not None,
+        HAS_EARLIER=earlier is not None, STORE_OUT=store_out, HAS_LOW=low_dtype is not None,
+        num_warps=4 if block_c <= 512 else 8)
     return out, low
 
 
 @_triton_op("residual_layer_norm")
 def _residual_layer_norm_op(residual: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor, eps: float, out_dtype: torch.dtype, low_dtype: Optional[torch.dtype]
+                            bias: torch.Tensor, eps: float, out_dtype: torch.dtype, low_dtype: Optional[torch.dtype],
+                            earlier: Optional[torch.Tensor], earlier_weight: Optional[torch.Tensor],
+                            earlier_bias: Optional[torch.Tensor], earlier_eps: float, store_out: bool
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _residual_layer_norm_launch(residual, x, weight, bias, eps, out_dtype, low_dtype, torch.library.wrap_triton)
+    return _residual_layer_norm_launch(residual, x, weight, bias, eps, out_dtype, low_dtype, earlier, earlier_weight,
+                                       earlier_bias, earlier_eps, store_out, torch.library.wrap_triton)
 
 
 def residual_layer_norm(residual: Optional[torch.Tensor], x: torch.Tensor, norm: torch.nn.LayerNorm,
@@ -1423,6 +1494,36 @@ def residual_layer_norm(residual: Optional[torch.Tensor], x: torch.Tensor, norm:
         which runs layer_norm in float32; else x's dtype, promoted with the residual's); out_low = out in
         the autocast dtype, or None.
     """
+    return _residual_layer_norm(residual, x, norm, backend)
+
+
+def residual_steps(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNorm, mlp,
+                   norm2: torch.nn.LayerNorm, backend: Optional[str] = None
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A SwinV2 block's two res-post-norm steps at inference, ``x1 = x + norm1(attn_out)`` and
+    ``x2 = x1 + norm2(mlp(x1))``, mlp reading x1 in the autocast dtype where there is one.
+
+    Under autocast on the kernel, the first pass stores only that half-precision x1 and the second recomputes x1
+    from x and attn_out with the same code, so bit for bit; x1 in float32 is never written nor read back. At
+    SwinV2-B/384 batch 64 on an H100 the block's two passes took 0.554 against 0.611 ms at stage 1 and 0.150
+    against 0.161 ms at stage 3.
+
+    Args:
+        x: (..., C), the block's input; attn_out: (..., C); norm1, norm2: LayerNorms over C; mlp: a callable
+            (..., C) -> (..., C); backend: as in :func:`residual_layer_norm`.
+    Returns:
+        (x2, x2_low), as :func:`residual_layer_norm` returns them.
+    """
+    x1, x1_low = _residual_layer_norm(x, attn_out, norm1, backend, store_out=False)
+    if x1 is not None:   # PyTorch, or no autocast (the MLP reads the float sum): stored
+        return _residual_layer_norm(x1, mlp(x1 if x1_low is None else x1_low), norm2, backend)
+    return _residual_layer_norm(x, mlp(x1_low), norm2, backend, earlier=(attn_out, norm1))
+
+
+def _residual_layer_norm(residual, x, norm, backend, earlier=None, store_out=True):
+    """residual_layer_norm; earlier = (branch, norm'): the step before this one, whose sum residual +
+    norm'(branch) was not stored, taken first. store_out=False: the kernel under autocast stores only out_low
+    and returns (None, out_low); elsewhere it is ignored."""
     if (residual is not None and x.shape != residual.shape) or tuple(norm.normalized_shape) != (x.shape[-1],):
         raise ValueError(f"residual_layer_norm: residual {None if residual is None else tuple(residual.shape)}, "
                          f"x {tuple(x.shape)} and the norm's shape {tuple(norm.normalized_shape)} do not fit")
@@ -1431,8 +1532,11 @@ def residual_layer_norm(residual: Optional[torch.Tensor], x: torch.Tensor, norm:
     if norm.weight is None or norm.bias is None:
         unsupported = ValueError("residual_layer_norm: the Triton kernel needs an affine LayerNorm (weight and "
                                  "bias); use backend='torch'")
-    tensors = (residual, x, norm.weight, norm.bias)
+    tensors = (residual, x, norm.weight, norm.bias) + ((earlier[0], earlier[1].weight, earlier[1].bias)
+                                                       if earlier is not None else ())
     if _pick_backend(backend, x.device, tensors, unsupported, "residual_layer_norm") == "torch":
+        if earlier is not None:
+            residual, _ = _residual_layer_norm(residual, earlier[0], earlier[1], "torch")
         out = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         out = out if residual is None else residual + out
         return out, (out.to(low_dtype) if low_dtype is not None else None)
@@ -1440,9 +1544,13 @@ def residual_layer_norm(residual: Optional[torch.Tensor], x: torch.Tensor, norm:
     # autocast half-precision x with float32 weights gives x's dtype (measured, torch 2.14)
     ln_dtype = torch.float32 if low_dtype is not None and x.device.type == "cuda" else x.dtype
     out_dtype = ln_dtype if residual is None else torch.promote_types(residual.dtype, ln_dtype)
+    store_out = store_out or low_dtype is None
+    e_branch, e_norm = earlier if earlier is not None else (None, None)
     out, low = _through_op(_residual_layer_norm_op, _residual_layer_norm_launch)(
-        residual, x, norm.weight, norm.bias, float(norm.eps), out_dtype, low_dtype)
-    return out, (low if low_dtype is not None else None)
+        residual, x, norm.weight, norm.bias, float(norm.eps), out_dtype, low_dtype, e_branch,
+        None if e_norm is None else e_norm.weight, None if e_norm is None else e_norm.bias,
+        0.0 if e_norm is None else float(e_norm.eps), store_out)
+    return (out if store_out else None), (low if low_dtype is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1468,7 +1576,7 @@ if triton is not None:
         s = s.to(tl.float32)
         mean = tl.sum(s, 1) / C
         centred = tl.where(c_valid[None, :], s - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + _f32(eps))
         w = tl.load(w_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
         normed = centred * rstd[:, None] * w + b
@@ -1642,7 +1750,7 @@ if triton is not None:
             if SIGMOID:
                 # centred: minus the sigmoid's midpoint, known without the row's max and min (their reductions
                 # took a third of the kernel's time: 335 against 220 us at SwinV2-B/384 stage 3, H100)
-                b = sigmoid_scale * (tl.sigmoid(b) - 0.5) if CENTER else sigmoid_scale * tl.sigmoid(b)
+                b = _f32(sigmoid_scale) * (tl.sigmoid(b) - 0.5) if CENTER else _f32(sigmoid_scale) * tl.sigmoid(b)
             elif CENTER:
                 hi = tl.max(tl.where(c_valid, b, float("-inf")), 1)
                 lo = tl.min(tl.where(c_valid, b, float("inf")), 1)
@@ -1840,6 +1948,37 @@ def _table_unsupported(table: torch.Tensor) -> Optional[Exception]:
     return None
 
 
+class _NoLaunch:
+    """``wrap`` for a stage op's fake: the launch wrapper allocates the outputs, with the shapes and strides the real
+    op returns, and launches nothing."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _bias_from_tables_launches(tables: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
+                               sigmoid_scale: Optional[float], center_rows: bool, out_dtype: torch.dtype,
+                               wrap=None) -> torch.Tensor:
+    """(L, H, rows, cols): _bias_from_table_launch over MAX_LAYERS_PER_LAUNCH layers at a time."""
+    return _in_launches(lambda t, i: _bias_from_table_launch(t, i, sigmoid_scale, center_rows, out_dtype, wrap),
+                        tables, indices)
+
+
+# The stage ops are opaque custom_ops: their kernels take a tuple of pointers, which wrap_triton cannot trace. Under
+# torch.compile the per-layer triton_ops took 48 launches per SwinV2-B forward where these take 8 (+0.45 ms of GPU
+# time at SwinV2-B/384 batch 64, H100); an opaque op's ~0.15 ms of host time is paid twice a stage, not per layer.
+@torch.library.custom_op(_op_name("bias_from_tables"), mutates_args=())
+def _bias_from_tables_op(tables: List[torch.Tensor], indices: List[torch.Tensor], sigmoid_scale: Optional[float],
+                         center_rows: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return _bias_from_tables_launches(tables, indices, sigmoid_scale, center_rows, out_dtype)
+
+
+_bias_from_tables_op.register_fake(functools.partial(_bias_from_tables_launches, wrap=_NoLaunch))
+
+
 def _bias_from_tables(tables, indices, sigmoid_scale, center_rows, out_dtype, backend) -> torch.Tensor:
     """bias_from_table of L layers: (L, H, N, N)."""
     tables, indices = list(tables), list(indices)
@@ -1856,13 +1995,14 @@ def _bias_from_tables(tables, indices, sigmoid_scale, center_rows, out_dtype, ba
     _check_layers(list(zip(tables, indices)), check)
     out_dtype = tables[0].dtype if out_dtype is None else out_dtype
     sigmoid_scale = float(sigmoid_scale) if sigmoid_scale is not None else None
-    one_launch = not (_needs_grad(tables) or _compiling()) and _pick_backend(
+    # under torch.compile one layer keeps the per-layer triton_op, which Inductor launches without the dispatcher
+    one_launch = not (_needs_grad(tables) or (_compiling() and len(tables) == 1)) and _pick_backend(
         backend, tables[0].device, tables, _table_unsupported(tables[0]), "bias_from_table") == "triton"
     if not one_launch:
         return _stack_layers([bias_from_table(t, i, sigmoid_scale=sigmoid_scale, center_rows=center_rows,
                                               out_dtype=out_dtype, backend=backend) for t, i in zip(tables, indices)])
-    return _in_launches(lambda t, i: _bias_from_table_launch(t, i, sigmoid_scale, center_rows, out_dtype),
-                        tables, indices)
+    return _through_op(_bias_from_tables_op, _bias_from_tables_launches)(tables, indices, sigmoid_scale, center_rows,
+                                                                         out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1984,6 +2124,21 @@ def _cpb_unsupported(coords, w0, w2) -> Optional[Exception]:
     return None
 
 
+def _cpb_tables_launches(coords: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
+                         b0: Sequence[Optional[torch.Tensor]], w2: Sequence[torch.Tensor], wrap=None) -> torch.Tensor:
+    """(L, T, H) float32 (stored as (L, H, T)): _cpb_table_launch over MAX_LAYERS_PER_LAUNCH layers at a time."""
+    return _in_launches(functools.partial(_cpb_table_launch, wrap=wrap), coords, w0, b0, w2)
+
+
+@torch.library.custom_op(_op_name("cpb_tables"), mutates_args=())   # opaque: see _bias_from_tables_op
+def _cpb_tables_op(coords: List[torch.Tensor], w0: List[torch.Tensor], b0: List[Optional[torch.Tensor]],
+                   w2: List[torch.Tensor]) -> torch.Tensor:
+    return _cpb_tables_launches(coords, w0, b0, w2)
+
+
+_cpb_tables_op.register_fake(functools.partial(_cpb_tables_launches, wrap=_NoLaunch))
+
+
 def _cpb_tables(coords, w0, b0, w2, backend) -> torch.Tensor:
     """cpb_table of L layers: (L, T, H)."""
     coords, w0, w2 = list(coords), list(w0), list(w2)
@@ -2000,11 +2155,12 @@ def _cpb_tables(coords, w0, b0, w2, backend) -> torch.Tensor:
                              f"at once need one shape")
     _check_layers(list(zip(coords, w0, b0, w2)), check)
     tensors = [t for layer in zip(coords, w0, b0, w2) for t in layer]
-    one_launch = not _compiling() and _pick_backend(
+    # under torch.compile one layer keeps the per-layer triton_op (see _bias_from_tables)
+    one_launch = not (_compiling() and len(coords) == 1) and _pick_backend(
         backend, coords[0].device, tensors, _cpb_unsupported(coords[0], w0[0], w2[0]), "cpb_table") == "triton"
     if not one_launch:
         return _stack_layers([cpb_table(*layer, backend=backend) for layer in zip(coords, w0, b0, w2)])
-    return _in_launches(_cpb_table_launch, coords, w0, b0, w2)
+    return _through_op(_cpb_tables_op, _cpb_tables_launches)(coords, w0, b0, w2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,11 +23,13 @@ import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as top-level modules
     from .flash_bias_triton import (autocast_dtype, bias_from_table, cpb_table, flash_bias_attention, mlp_forward,
-                                    patch_embed_forward, residual_layer_norm, tracing_or_exporting)
+                                    patch_embed_forward, residual_layer_norm, residual_steps,
+                                    tracing_or_exporting)
     from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 except ImportError:
     from flash_bias_triton import (autocast_dtype, bias_from_table, cpb_table, flash_bias_attention, mlp_forward,
-                                   patch_embed_forward, residual_layer_norm, tracing_or_exporting)
+                                   patch_embed_forward, residual_layer_norm, residual_steps,
+                                   tracing_or_exporting)
     from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 
 
@@ -412,7 +414,8 @@ class SwinTransformerBlock(nn.Module):
     def forward_fused(self, x, x_low=None, bias=None, qkv_bias=None):
         """FlashBias: the block on the fused kernels (training: see below). The attention kernel does the cyclic shift, the window partition /
         reverse and the shift mask itself; each residual + res-post-norm is one pass (drop path is the identity at
-        inference), which under autocast also writes the half-precision copy the next matmul reads.
+        inference), which under autocast also writes the half-precision copy the next matmul reads (residual_steps:
+        the second pass recomputes the first one's sum instead of reading it back).
 
         Args:
             x: (B, H*W, C) the block's input; x_low: x in the autocast dtype when the previous block wrote it, else None
@@ -427,8 +430,7 @@ class SwinTransformerBlock(nn.Module):
         if self.training:  # drop path is random in training: the official residual steps around the fused attention
             x = x + self.drop_path(self.norm1(attn))
             return x + self.drop_path(self.norm2(self.mlp(x))), None
-        x, x_low = residual_layer_norm(x, attn, self.norm1)
-        return residual_layer_norm(x, mlp_forward(self.mlp, x if x_low is None else x_low), self.norm2)
+        return residual_steps(x, attn, self.norm1, lambda x1: mlp_forward(self.mlp, x1), self.norm2)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, " \

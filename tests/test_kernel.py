@@ -306,6 +306,46 @@ def test_residual_layer_norm(C, dtype, autocast):
 
 
 @pytest.mark.parametrize("C", [96, 200])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float16, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_residual_steps(C, dtype, autocast):
+    """A block's two res-post-norm steps: where the kernel recomputes the first sum (autocast) it gives the bits of
+    two separate passes, the MLP reads the same half copy, and both agree with float64."""
+    g = fresh_generator()
+    residual = (3 * torch.randn(2, 37, C, generator=g)).to(DEVICE, torch.float32 if autocast else dtype)
+    attn_out = (2 * torch.randn(2, 37, C, generator=g) + 0.5).to(DEVICE, dtype)
+    shift = torch.randn(2, 37, C, generator=g).to(DEVICE)
+    norms = [torch.nn.LayerNorm(C).to(DEVICE, residual.dtype) for _ in range(2)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(0.5 + 0.1 * torch.randn(C, generator=g))
+            norm.bias.copy_(0.1 * torch.randn(C, generator=g))
+    seen = []
+
+    def mlp(x1):   # depends on its input, so a wrong first sum shows in the second step
+        seen.append(x1)
+        return (torch.tanh(x1.float()) + shift).to(x1.dtype)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
+        out, low = fb.residual_steps(residual, attn_out, norms[0], mlp, norms[1], backend="triton")
+        x1, x1_low = fb.residual_layer_norm(residual, attn_out, norms[0], backend="triton")
+        two, two_low = fb.residual_layer_norm(x1, mlp(x1 if x1_low is None else x1_low), norms[1], backend="triton")
+        ref, _ = fb.residual_steps(residual, attn_out, norms[0], mlp, norms[1], backend="torch")
+    assert torch.equal(seen[0], seen[1]) and torch.equal(out, two)
+    assert (low is None) == (two_low is None) == (not autocast) and (low is None or torch.equal(low, two_low))
+
+    def post_norm(r, x, norm):
+        return r + torch.nn.functional.layer_norm(x.double(), (C,), norm.weight.double(), norm.bias.double(), norm.eps)
+    with torch.no_grad():
+        exact = post_norm(post_norm(residual.double(), attn_out, norms[0]), mlp(seen[0]), norms[1])
+    tol = 2e-3 if autocast else 1e-6    # PyTorch's own path rounds the norms to the autocast dtype on the CPU
+    assert rel_err(out, exact) < (1e-6 if out.dtype == torch.float32 else 2e-3) and rel_err(ref, exact) < tol
+    mismatch = r"residual \(2, 37, %d\), x \(2, 5, %d\) and the norm" % (C, C)
+    with torch.no_grad(), pytest.raises(ValueError, match=mismatch):
+        fb.residual_steps(residual, attn_out[:, :5], norms[0], mlp, norms[1], backend="triton")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"residual \(2, 37, %d\), x \(2, 37, 3\) and the norm" % C):
+        fb.residual_steps(residual, attn_out, norms[0], lambda x1: x1[..., :3], norms[1], backend="triton")
+
+
+@pytest.mark.parametrize("C", [96, 200])
 @pytest.mark.parametrize("dtype,norm_dtype,autocast", [
     (torch.float32, torch.float32, None), (torch.float16, torch.float16, None), (torch.bfloat16, torch.bfloat16, None),
     (torch.float16, torch.float32, None),                   # half-precision x, float32 weights: PyTorch keeps x's dtype
@@ -988,3 +1028,82 @@ def test_model_bias_through_cpb_table_and_bias_from_table_kernels():
                                               attn.cpb_mlp[0].bias, attn.cpb_mlp[2].weight, backend="triton"),
                                  attn.relative_position_index, backend="triton")
     assert rel_err(got, official) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# The shift mask as a one-hot dot (ids within 16 of a window's smallest), else compared as given
+# ----------------------------------------------------------------------------------------------
+def region_rows(kinds, N, g):
+    """(len(kinds), N) int64 region ids, one window per kind: "single" (one region), "onehot" (ids lo..lo+15
+    with both ends present, lo far from 0), "spread" (ids 16 apart: the compared path)."""
+    rows = []
+    for kind in kinds:
+        ids = torch.randint(0, 16, (N,), generator=g, dtype=torch.int64)
+        ids[:2] = torch.tensor([0, 15])
+        rows.append({"single": torch.full((N,), 7, dtype=torch.int64), "onehot": ids + 1000, "spread": ids * 16}[kind])
+    return torch.stack(rows).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("image,window,shift", [((14, 14), (7, 7), 3), ((24, 24), (12, 12), 6)])
+def test_official_shift_mask_as_one_hot_dot(image, window, shift, dtype):
+    """Swin's shifted windows (ids 0..8: the one-hot dot) at N = 49 and 144, every dot dtype."""
+    args = make_case(2, window[0] * window[1], 2, 32, dtype, "dense", False, image=image, window=window, shift=shift)
+    args["region_ids"] = fb.shifted_window_region_ids(image, window, shift).to(DEVICE)
+    check(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_one_hot_and_compared_masks_in_one_launch(dtype):
+    """Each window picks its own mask: one region, ids within 16 (offset from 0, int64), ids spread over 16."""
+    args = make_case(8, 49, 2, 32, dtype, "dense", False, nW=4)
+    args["region_ids"] = region_rows(["onehot", "spread", "single", "onehot"], 49, fresh_generator())
+    check(args)
+
+
+@pytest.mark.parametrize("ids", [
+    [0, 15], [0, 16], [-30000, -29985], [250, 255, 0],
+    [2 ** 40, 2 ** 40 + 3], [-2 ** 62, 2 ** 62], [-2 ** 63, 2 ** 63 - 1], [2 ** 63 - 1, 2 ** 63 - 16],
+], ids=lambda ids: "/".join(map(str, ids)))
+def test_region_id_spreads_at_the_edges(ids):
+    """Spreads 15 (one-hot) and 16 (compared); int16 and uint8 ids; int64 ids far from 0, and spreads that wrap
+    around in int64 (which must not pass for small ones)."""
+    dtype = (torch.int16 if min(ids) < -128 and max(ids) < 2 ** 15 else torch.uint8 if 0 in ids and max(ids) < 256
+             else torch.int64)
+    args = make_case(2, 49, 2, 32, torch.float16, "dense", False, nW=2)
+    g = fresh_generator()
+    pick = torch.randint(0, len(ids), (2, 49), generator=g)
+    pick[:, :len(ids)] = torch.arange(len(ids))
+    args["region_ids"] = torch.tensor(ids, dtype=torch.int64)[pick].to(DEVICE, dtype)
+    check(args)
+
+
+def reference_lse64(args):
+    """Float64 log-sum-exp (Bw, N, H) of each row's logits, window layout, cosine scores."""
+    qkv, H = args["qkv"].double(), args["num_heads"]
+    Bw, N, three_c = qkv.shape
+    q, k, _ = qkv.view(Bw, N, 3, H, three_c // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
+    s = torch.clamp(args["logit_scale"].double().view(H, 1, 1), max=fb.MAX_LOGIT_SCALE).exp()
+    logits = s * (torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).mT)
+    logits = logits + args["bias"].double()
+    mask = fb.region_mask(args["region_ids"], torch.float64)
+    nW = mask.shape[0]
+    logits = (logits.view(Bw // nW, nW, H, N, N) + mask[None, :, None]).view(Bw, H, N, N)
+    return logits.logsumexp(-1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stored_lse_is_the_official_masks(dtype):
+    """The log-sum-exp that the forward stores for the backward is that of the official logits (-100 across
+    regions) in every kind of window, though the one-hot dot adds 100 within a region instead."""
+    args = make_case(8, 49, 2, 32, dtype, "dense", False, nW=4)
+    args["region_ids"] = region_rows(["onehot", "spread", "single", "onehot"], 49, fresh_generator())
+    qkv = args["qkv"].detach().requires_grad_(True)
+    out, lse = fb._FlashBiasAttentionFunction.apply(qkv, args["logit_scale"], args["bias"], args["region_ids"], 2,
+                                                    [7, 7], [7, 7], 0, None, None)
+    ref = reference_lse64(args)
+    assert not torch.isnan(lse).any()
+    err = (lse.double() - ref).abs().max().item()
+    assert err < (1e-4 if dtype == torch.float32 and not CUDA else 5e-2), err
+    from test_kernel_backward import check_backward
+    check_backward(args)

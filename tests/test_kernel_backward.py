@@ -213,7 +213,7 @@ def test_zero_q_and_k_rows():
     grad_out = torch.randn(4, 49, 64, dtype=torch.float64, device=DEVICE)
     got = gradients(args, grad_out, "triton")
     ref = gradients(args, grad_out, "torch", torch.float64)
-    assert ref["qkv"][zero].abs().min() > 1e3
+    assert ref["qkv"][zero].abs().median() > 1e9   # the 1 / eps regime (single components may cancel)
     for part in (zero, ~zero):
         assert rel_err(got["qkv"][part], ref["qkv"][part]) < TOL[torch.float32]
     assert rel_err(got["bias"], ref["bias"]) < TOL[torch.float32]
