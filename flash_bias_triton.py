@@ -115,7 +115,8 @@ try:  # Triton >= 3.3: its launch hooks live here (see _BoundLaunches)
 except ImportError:
     _triton_knobs = None
 
-__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "residual_steps", "add_layer_norm",
+__all__ = ["flash_bias_attention", "attention_reference", "residual_layer_norm", "residual_steps", "block_tail",
+           "add_layer_norm",
            "cpb_table", "tracing_or_exporting", "autocast_dtype", "mlp_forward", "patch_embed_forward",
            "bias_from_table", "shifted_window_region_ids", "region_mask", "kernel_available", "MASK_VALUE",
            "MAX_LOGIT_SCALE", "NORM_EPS", "MAX_RANK", "MAX_HEAD_DIM", "BACKENDS"]
@@ -1387,10 +1388,15 @@ if triton is not None:
     @triton.jit
     def _post_norm(res, x_ptr, w_ptr, b_ptr, eps, offs, mask, offs_c, c_valid, C: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr):
-        """res + LayerNorm(x) * w + b of a (rows, BLOCK_C) tile, float32, statistics in float32 (HAS_RESIDUAL
+        """_post_norm_tile of the (rows, BLOCK_C) tile of x at x_ptr + offs."""
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return _post_norm_tile(res, x, w_ptr, b_ptr, eps, offs_c, c_valid, C, HAS_RESIDUAL)
+
+    @triton.jit
+    def _post_norm_tile(res, x, w_ptr, b_ptr, eps, offs_c, c_valid, C: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """res + LayerNorm(x) * w + b of a float32 (rows, BLOCK_C) tile, statistics in float32 (HAS_RESIDUAL
         False: without res). Summed (res + normed) + b in every kernel that takes the step: a sum recomputed by
         the next step has the bits of the one a step stores."""
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, 1) / C
         centred = tl.where(c_valid[None, :], x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + _f32(eps))
@@ -1671,6 +1677,152 @@ def mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     hidden = torch._addmm_activation(fc1.bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype),
                                      fc1.weight.to(dtype).t(), use_gelu=True)
     return mlp.fc2(hidden.view(*x.shape[:-1], hidden.shape[-1]))   # dropout is the identity in eval
+
+
+# ----------------------------------------------------------------------------------------------
+# A SwinV2 block's tail at inference: both res-post-norm steps and the MLP in one kernel
+# ----------------------------------------------------------------------------------------------
+# The widest C the fused tail takes; 0: none. Up to C = 256 a SwinV2 block's MLP moves more bytes than it computes: at
+# SwinV2-B/384 stages 1-2 (C = 128, 256) the separate fc1 / fc2 / LayerNorm passes write and read the (M, 4C) hidden
+# features, ~2.4 GB per stage-1 block at batch 64. Off until its kernel has been timed on a GPU against those passes
+# (benchmarks/bench_block_tail.py; the session that wrote it had no GPU): then 256, or what that run says.
+BLOCK_TAIL_MAX_C = 0
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half(v, HALF: tl.constexpr, WIDEN: tl.constexpr):
+        """float32 v rounded to HALF. WIDEN (the interpreter with bfloat16, whose float32 -> bfloat16 cast truncates,
+        triton 3.8): round to nearest even by hand first, so that the cast is exact."""
+        if WIDEN:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+        return v.to(HALF)
+
+    @triton.jit
+    def _block_tail_fwd(x_ptr, attn_ptr, w1n_ptr, b1n_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w2n_ptr, b2n_ptr,
+                        out_ptr, low_ptr, rows, eps1, eps2,
+                        C: tl.constexpr, HID: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_H: tl.constexpr, WIDEN: tl.constexpr):
+        """BLOCK_M rows of x2 = x1 + norm2(fc2(gelu(fc1(half(x1))))), x1 = x + norm1(attn), rounded where the
+        official block under autocast rounds: fc1's output, GELU's (erf, float32 math), fc2's. The (BLOCK_M, HID)
+        hidden features stay on chip: fc2's (BLOCK_M, C) accumulator lives in registers while HID is walked in
+        BLOCK_H chunks. x, out: (rows, C) float32; attn, low: (rows, C) half; w1 (HID, C), b1 (HID,), w2 (C, HID),
+        b2 (C,): half; w1n, b1n, w2n, b2n: (C,) float32. WIDEN: see _operand and _round_half."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_valid = offs_c < C
+        mask = (offs_m < rows)[:, None] & c_valid[None, :]
+        offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+        HALF: tl.constexpr = w1_ptr.dtype.element_ty
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x1 = _post_norm(x, attn_ptr, w1n_ptr, b1n_ptr, eps1, offs, mask, offs_c, c_valid, C, True)
+        a = _operand(_round_half(x1, HALF, WIDEN), WIDEN)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for h0 in range(0, HID, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_valid = offs_h < HID
+            w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=h_valid[:, None] & c_valid[None, :],
+                         other=0.0)
+            hidden = tl.dot(a, tl.trans(_operand(w1, WIDEN)))
+            hidden = _round_half(hidden + tl.load(b1_ptr + offs_h, mask=h_valid, other=0.0).to(tl.float32), HALF,
+                                 WIDEN).to(tl.float32)
+            # nn.GELU's erf form, in PyTorch's order
+            hidden = _round_half(hidden * 0.5 * (1.0 + tl.math.erf(hidden * 0.7071067811865476)), HALF, WIDEN)
+            w2 = tl.load(w2_ptr + offs_c[:, None] * HID + offs_h[None, :], mask=c_valid[:, None] & h_valid[None, :],
+                         other=0.0)
+            acc = tl.dot(_operand(hidden, WIDEN), tl.trans(_operand(w2, WIDEN)), acc)
+        y = _round_half(acc + tl.load(b2_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32), HALF, WIDEN)
+        # x1 recomputed (x and attn are in L2 by now) rather than held through the loop beside the accumulator
+        x1 = _post_norm(tl.load(x_ptr + offs, mask=mask, other=0.0), attn_ptr, w1n_ptr, b1n_ptr, eps1, offs, mask,
+                        offs_c, c_valid, C, True)
+        out = _post_norm_tile(x1, y.to(tl.float32), w2n_ptr, b2n_ptr, eps2, offs_c, c_valid, C, True)
+        tl.store(out_ptr + offs, out, mask=mask)
+        tl.store(low_ptr + offs, _round_half(out, HALF, WIDEN), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_tail_config(C: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps, num_stages): fc2's (BLOCK_M, C) float32 accumulator sits in registers beside
+    fc1's operand, so a wider C takes fewer rows."""
+    if _interpreting():
+        return 16, 32, 4, 1
+    return (128, 64, 8, 2) if C <= 128 else (64, 64, 8, 2)
+
+
+def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
+                       eps1: float, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                       fc2_bias: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, eps2: float,
+                       wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's launch: (x2 float32, x2 in attn's dtype), both x's shape."""
+    C, HID = x.shape[-1], fc1_weight.shape[0]
+    rows = x.numel() // C
+    x, attn = x.contiguous(), attn.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    low = torch.empty(x.shape, device=x.device, dtype=attn.dtype)
+    if POISON_OUTPUT:
+        out.fill_(float("nan"))
+        low.fill_(float("nan"))
+    block_m, block_h, warps, stages = _block_tail_config(C)
+    _launcher(_block_tail_fwd, wrap)[(_cdiv(rows, block_m),)](
+        x, attn, norm1_weight, norm1_bias, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
+        norm2_weight, norm2_bias, out, low, rows, eps1, eps2, C=C, HID=HID, BLOCK_C=_next_pow2(C), BLOCK_M=block_m,
+        BLOCK_H=block_h, WIDEN=_interpreting() and attn.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+    return out, low
+
+
+@_triton_op("block_tail")
+def _block_tail_op(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
+                   eps1: float, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                   fc2_bias: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, eps2: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _block_tail_launch(x, attn, norm1_weight, norm1_bias, eps1, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                              norm2_weight, norm2_bias, eps2, torch.library.wrap_triton)
+
+
+def _block_tail_fusable(x: torch.Tensor, attn_out: torch.Tensor, norm1, mlp, norm2, half) -> bool:
+    """Whether the official Mlp and LayerNorms fit the fused tail: autocast to a half dtype around a float32
+    residual, eval, an erf GELU between two biased Linears, affine float32 norms over C."""
+    fc1, fc2, act = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None), getattr(mlp, "act", None)
+    C = x.shape[-1]
+    return (half in (torch.float16, torch.bfloat16) and x.dtype == torch.float32 and attn_out.dtype == half
+            and attn_out.shape == x.shape and not mlp.training
+            and isinstance(act, torch.nn.GELU) and act.approximate == "none"
+            and isinstance(getattr(mlp, "norm", None), (type(None), torch.nn.Identity))
+            and all(isinstance(fc, torch.nn.Linear) and fc.bias is not None for fc in (fc1, fc2))
+            and fc1.in_features == C and fc2.out_features == C
+            and all(isinstance(n, torch.nn.LayerNorm) and tuple(n.normalized_shape) == (C,) and n.weight is not None
+                    and n.bias is not None and n.weight.dtype == torch.float32 for n in (norm1, norm2)))
+
+
+def block_tail(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNorm, mlp: torch.nn.Module,
+               norm2: torch.nn.LayerNorm, backend: Optional[str] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A SwinV2 block after its attention at inference: ``x1 = x + norm1(attn_out)``, ``x2 = x1 + norm2(mlp(x1))``.
+
+    Under CUDA's autocast to float16 / bfloat16, with a float32 residual, C <= BLOCK_TAIL_MAX_C (0, off, until timed
+    on a GPU) and the official ``Mlp`` (fc1, erf GELU, fc2), it is one kernel (:func:`_block_tail_fwd`) that rounds
+    where the official block under autocast rounds. Elsewhere it is :func:`residual_steps` around
+    :func:`mlp_forward`.
+
+    Args:
+        x: (..., C) the block's input; attn_out: (..., C) the attention's projected output; norm1, norm2: LayerNorms
+            over C; mlp: the official files' Mlp; backend: as in :func:`residual_layer_norm`.
+    Returns:
+        (x2, x2 in the autocast dtype or None), as :func:`residual_layer_norm` returns them.
+    """
+    half = autocast_dtype(x.device.type) if x.shape[-1] <= BLOCK_TAIL_MAX_C else None   # off: no more host time
+    if half is not None and _block_tail_fusable(x, attn_out, norm1, mlp, norm2, half):
+        fc1, fc2 = mlp.fc1, mlp.fc2
+        weights = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if _pick_backend(backend, x.device, (x, attn_out, norm1.weight, norm1.bias, norm2.weight, norm2.bias)
+                         + weights, None, "block_tail") == "triton":
+            w1, b1, w2, b2 = (w.to(half) for w in weights)   # no copy where they are the half weight copies
+            return _through_op(_block_tail_op, _block_tail_launch)(
+                x, attn_out, norm1.weight, norm1.bias, float(norm1.eps), w1, b1, w2, b2, norm2.weight, norm2.bias,
+                float(norm2.eps))
+    return residual_steps(x, attn_out, norm1, lambda x1: mlp_forward(mlp, x1), norm2, backend)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,14 +22,12 @@ except ImportError:  # timm 0.4.12, as the official main.py uses
 import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as top-level modules
-    from .flash_bias_triton import (autocast_dtype, bias_from_table, cpb_table, flash_bias_attention, mlp_forward,
-                                    patch_embed_forward, residual_layer_norm, residual_steps,
-                                    tracing_or_exporting)
+    from .flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
+                                    patch_embed_forward, residual_layer_norm, tracing_or_exporting)
     from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 except ImportError:
-    from flash_bias_triton import (autocast_dtype, bias_from_table, cpb_table, flash_bias_attention, mlp_forward,
-                                   patch_embed_forward, residual_layer_norm, residual_steps,
-                                   tracing_or_exporting)
+    from flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
+                                   patch_embed_forward, residual_layer_norm, tracing_or_exporting)
     from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 
 
@@ -413,9 +411,9 @@ class SwinTransformerBlock(nn.Module):
 
     def forward_fused(self, x, x_low=None, bias=None, qkv_bias=None):
         """FlashBias: the block on the fused kernels (training: see below). The attention kernel does the cyclic shift, the window partition /
-        reverse and the shift mask itself; each residual + res-post-norm is one pass (drop path is the identity at
-        inference), which under autocast also writes the half-precision copy the next matmul reads (residual_steps:
-        the second pass recomputes the first one's sum instead of reading it back).
+        reverse and the shift mask itself; the rest, both residual + res-post-norm steps and the MLP (drop path is the
+        identity at inference), is block_tail: two LayerNorm passes around the MLP (or one kernel for all, where
+        enabled). Under autocast it also writes the half-precision copy of the output that the next matmul reads.
 
         Args:
             x: (B, H*W, C) the block's input; x_low: x in the autocast dtype when the previous block wrote it, else None
@@ -430,7 +428,7 @@ class SwinTransformerBlock(nn.Module):
         if self.training:  # drop path is random in training: the official residual steps around the fused attention
             x = x + self.drop_path(self.norm1(attn))
             return x + self.drop_path(self.norm2(self.mlp(x))), None
-        return residual_steps(x, attn, self.norm1, lambda x1: mlp_forward(self.mlp, x1), self.norm2)
+        return block_tail(x, attn, self.norm1, self.mlp, self.norm2)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, " \

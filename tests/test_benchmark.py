@@ -94,6 +94,16 @@ def test_user_errors_exit_2(tmp_path):
     assert stderr.startswith("error: --warmup, --iters and --batch must be >= 1") and "Traceback" not in stderr
 
 
+def test_bench_block_tail_user_errors_exit_2():
+    """It needs CUDA, and says so; a malformed --configs is named."""
+    script = os.path.join(ROOT, "benchmarks", "bench_block_tail.py")
+    _, stderr = run_benchmark("--configs", "128x64x8x2", "--no-model", expect=2, script=script)
+    assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    for bad in ("128xa", "128x64"):
+        _, stderr = run_benchmark("--configs", bad, expect=2, script=script)
+        assert stderr.startswith(f"error: --configs: '{bad}' is not a comma list") and "Traceback" not in stderr
+
+
 def test_bench_attention_cpu(tmp_path):
     """Every variant runs on the CPU (float32 inputs; a float16 mask once failed the SDPA row) and agrees
     with the reference; the markdown table has them all."""

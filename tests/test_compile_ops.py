@@ -123,3 +123,25 @@ def test_stage_ops_fakes_match_the_real_ops(has_b0, layers_per_launch, monkeypat
     for center_rows, sigmoid_scale, dtype in ((True, 16.0, torch.float16), (False, None, torch.float32)):
         torch.library.opcheck(_op("bias_from_tables"), (list(tables), [a.relative_position_index for a in layers],
                                                         sigmoid_scale, center_rows, dtype))
+
+
+def test_compiled_block_tail_is_one_op_with_the_eager_bits(monkeypatch):
+    """torch.compile keeps a block's fused tail as its op (flash_bias::block_tail), which gives eager's bits."""
+    from test_kernel import block_tail_case
+    monkeypatch.setattr(fb, "BLOCK_TAIL_MAX_C", 256)
+    args = block_tail_case(21, 32, torch.float16)
+
+    def tail(*args):
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            return fb.block_tail(*args)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    with torch.no_grad():
+        eager = tail(*args)
+        compiled = torch.compile(tail, backend=record, fullgraph=True)(*args)
+    targets = collections.Counter(node.target for gm in graphs for node in gm.graph.nodes)
+    assert targets[_op("block_tail")] == 1
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))

@@ -1107,3 +1107,107 @@ def test_stored_lse_is_the_official_masks(dtype):
     assert err < (1e-4 if dtype == torch.float32 and not CUDA else 5e-2), err
     from test_kernel_backward import check_backward
     check_backward(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# A SwinV2 block's tail in one kernel: both res-post-norm steps around the Mlp (fc1, erf GELU, fc2)
+# ----------------------------------------------------------------------------------------------
+class OfficialMlp(torch.nn.Module):
+    """The official files' Mlp: fc1, nn.GELU (erf), fc2, dropout 0."""
+
+    def __init__(self, C, hidden):
+        super().__init__()
+        self.fc1, self.act = torch.nn.Linear(C, hidden), torch.nn.GELU()
+        self.fc2, self.drop = torch.nn.Linear(hidden, C), torch.nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def block_tail_case(M, C, half, hidden=None):
+    """(x (M, C) float32, attn_out (M, C) half, norm1, mlp with half Linear weights, norm2), trained-like scales."""
+    g = fresh_generator()
+    x = (3 * torch.randn(M, C, generator=g)).to(DEVICE)
+    attn_out = (2 * torch.randn(M, C, generator=g) + 0.5).to(DEVICE, half)
+    norms, mlp = [torch.nn.LayerNorm(C) for _ in range(2)], OfficialMlp(C, hidden or 4 * C)
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(0.5 + 0.1 * torch.randn(C, generator=g))
+            norm.bias.copy_(0.1 * torch.randn(C, generator=g))
+        for fc in (mlp.fc1, mlp.fc2):
+            fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) / fc.in_features ** 0.5)
+            fc.bias.copy_(0.1 * torch.randn(fc.out_features, generator=g))
+    mlp = mlp.to(DEVICE, half).eval()
+    return x, attn_out, norms[0].to(DEVICE), mlp, norms[1].to(DEVICE)
+
+
+def block_tail_reference(x, attn_out, norm1, mlp, norm2, rounded):
+    """float64 math; rounded: rounded to the Linear weights' dtype where the official block under autocast rounds
+    (fc1's input, fc1's and GELU's and fc2's outputs)."""
+    half = mlp.fc1.weight.dtype
+    rnd = (lambda t: t.to(half).double()) if rounded else (lambda t: t)
+
+    def post_norm(residual, branch, norm):
+        return residual + torch.nn.functional.layer_norm(branch.double(), norm.normalized_shape,
+                                                         norm.weight.double(), norm.bias.double(), norm.eps)
+    linear, gelu = torch.nn.functional.linear, torch.nn.functional.gelu
+    x1 = post_norm(x.double(), attn_out, norm1)
+    hidden = rnd(gelu(rnd(linear(rnd(x1), mlp.fc1.weight.double(), mlp.fc1.bias.double()))))
+    return post_norm(x1, rnd(linear(hidden, mlp.fc2.weight.double(), mlp.fc2.bias.double())), norm2)
+
+
+@pytest.mark.parametrize("M,C,hidden", [(37, 32, 128), (64, 48, 192), (40, 32, 80)])   # 80: hidden not a block
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_block_tail_kernel_against_float64(M, C, hidden, half, monkeypatch):
+    monkeypatch.setattr(fb, "BLOCK_TAIL_MAX_C", 256)
+    launches = []
+    launch = fb._block_tail_launch
+    monkeypatch.setattr(fb, "_block_tail_launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    args = block_tail_case(M, C, half, hidden)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=half):
+        out, low = fb.block_tail(*args, backend="triton")
+    assert launches == [1] and out.dtype == torch.float32 and low.dtype == half and out.shape == (M, C)
+    assert torch.equal(low, out.to(half)) or (half == torch.bfloat16 and not CUDA)   # interpreter: see _round_half
+    exact, rounded = (block_tail_reference(*args, rounded=r) for r in (False, True))
+    # measured on the interpreter: out against float64 6.5e-5 (fp16) / 5.2e-4 (bf16), the rounding reference's own
+    assert rel_err(out, exact) < {torch.float16: 2e-4, torch.bfloat16: 1.5e-3}[half]
+    assert rel_err(out, rounded) < {torch.float16: 2e-5, torch.bfloat16: 1e-4}[half]
+
+
+def test_block_tail_kernel_sums_as_the_layer_norm_kernel(monkeypatch):
+    """With fc2's weight zero, fc2's output is its bias exactly: the kernel's two steps then give the bits of the
+    LayerNorm kernel's two passes."""
+    monkeypatch.setattr(fb, "BLOCK_TAIL_MAX_C", 256)
+    x, attn_out, norm1, mlp, norm2 = block_tail_case(37, 48, torch.float16)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16):
+        mlp.fc2.weight.zero_()
+        out, low = fb.block_tail(x, attn_out, norm1, mlp, norm2, backend="triton")
+        steps, steps_low = fb.residual_steps(x, attn_out, norm1, lambda x1: mlp.fc2.bias.expand(37, 48), norm2,
+                                             backend="triton")
+    assert torch.equal(out, steps) and torch.equal(low, steps_low)
+
+
+def test_block_tail_is_residual_steps_where_it_does_not_fuse(monkeypatch):
+    """Off (BLOCK_TAIL_MAX_C's default), wider than BLOCK_TAIL_MAX_C, a tanh GELU, training mode, no autocast:
+    residual_steps around mlp_forward, bit for bit, and the fused kernel is never launched."""
+    monkeypatch.setattr(fb, "_block_tail_launch", lambda *a, **k: pytest.fail("the fused tail was launched"))
+    x, attn_out, norm1, mlp, norm2 = block_tail_case(21, 32, torch.float16)
+
+    def both():
+        got = fb.block_tail(x, attn_out, norm1, mlp, norm2, backend="triton")
+        want = fb.residual_steps(x, attn_out, norm1, lambda x1: fb.mlp_forward(mlp, x1), norm2, backend="triton")
+        assert all(torch.equal(a, b) if a is not None else b is None for a, b in zip(got, want))
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16):
+        both()
+        monkeypatch.setattr(fb, "BLOCK_TAIL_MAX_C", 16)
+        both()
+        monkeypatch.setattr(fb, "BLOCK_TAIL_MAX_C", 256)
+        mlp.act.approximate = "tanh"
+        both()
+        mlp.act.approximate = "none"
+        mlp.train()
+        both()
+        mlp.eval()
+    with torch.no_grad():
+        mlp.float()
+        both()

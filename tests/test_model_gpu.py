@@ -244,10 +244,18 @@ def test_mlp_gelu_epilogue_within_the_official_precision(dtype):
     assert rel_l2(broken, reference) > 10 * noise
 
 
-def test_model_runs_the_gelu_epilogue(monkeypatch):
-    calls = []
-    original = swin.mlp_forward
-    monkeypatch.setattr(swin, "mlp_forward", lambda mlp, x: calls.append(x.dtype) or original(mlp, x))
+def test_model_runs_the_fused_tail_and_the_gelu_epilogue(monkeypatch):
+    """Blocks of C <= BLOCK_TAIL_MAX_C run their tail as one kernel; wider blocks hand the MLP (GELU epilogue) their
+    half-precision input."""
+    import flash_bias_triton as fb
+    tails, mlps = [], []
+    launch, mlp_forward = fb._block_tail_launch, fb.mlp_forward
+    monkeypatch.setattr(fb, "_block_tail_launch", lambda x, *a, **k: tails.append(x.shape[-1]) or launch(x, *a, **k))
+    monkeypatch.setattr(fb, "mlp_forward", lambda mlp, x: mlps.append((x.shape[-1], x.dtype)) or mlp_forward(mlp, x))
     model = make_model(TINY).cuda()
+    widths = sorted({blk.dim for stage in model.layers for blk in stage.blocks})
+    monkeypatch.setattr(fb, "BLOCK_TAIL_MAX_C", widths[0])
     _logits(model, images(2, 64).cuda(), torch.float16)
-    assert calls and set(calls) == {torch.float16}, "the blocks did not hand the MLP its half-precision input"
+    assert tails and set(tails) == {widths[0]}
+    assert {c for c, _ in mlps} == set(widths[1:]) and {d for _, d in mlps} == {torch.float16}, \
+        "the blocks did not hand the MLP its half-precision input"
