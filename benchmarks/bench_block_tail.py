@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 from swin_config import UserError, rel_l2, run_main, trained_like_  # noqa: E402
 import flash_bias_triton as fb  # noqa: E402  (swin_config puts the repository root on sys.path)
+from bench_gelu_epilogue import median_ms  # noqa: E402  (this script's folder is on sys.path)
 
 # (tokens, C) per stage of SwinV2-B/384 at batch 64: 96x96, 48x48, 24x24, 12x12 tokens per image
 STAGES = ((589824, 128), (147456, 256), (36864, 512), (9216, 1024))
@@ -123,27 +124,15 @@ def bench_model(lines, rounds=3, iters=10):
     def forward():
         with torch.no_grad(), torch.autocast("cuda", torch.float16):
             return model(x)
-
-    def median_ms(n):
-        times = []
-        for _ in range(n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            forward()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
     times, logits = {256: [], 0: []}, {}
     for _ in range(rounds):
         for max_c in times:
             fb.BLOCK_TAIL_MAX_C = max_c
             logits[max_c] = forward().float()
-            median_ms(3)
-            times[max_c].append(median_ms(iters))
+            times[max_c].append(median_ms(forward, iters))   # after its own 5 warm-ups
     model.set_flash_bias(fused=False)
     official = forward().float()
-    official_ms = median_ms(max(3, iters // 2))
+    official_ms = median_ms(forward, max(3, iters // 2))
     lines += ["", "| SwinV2-B/384, batch 64, eager | ms (per round) | vs official | logits rel. L2 to official | top-1 |",
               "|---|---|---:|---:|---:|"]
     for max_c, name in ((256, "fused tail (C <= 256)"), (0, "three launches")):
