@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 from swin_config import UserError, rel_l2, run_main, trained_like_  # noqa: E402
 import flash_bias_triton as fb  # noqa: E402  (swin_config puts the repository root on sys.path)
-from bench_gelu_epilogue import median_ms  # noqa: E402  (this script's folder is on sys.path)
+from bench_gelu_epilogue import median_ms, print_table  # noqa: E402  (this script's folder is on sys.path)
 
 # (tokens, C) per stage of SwinV2-B/384 at batch 64: 96x96, 48x48, 24x24, 12x12 tokens per image
 STAGES = ((589824, 128), (147456, 256), (36864, 512), (9216, 1024))
@@ -161,10 +161,7 @@ def main(argv=None):
             bench_model(lines)
     finally:
         fb.BLOCK_TAIL_MAX_C = max_c
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    print_table(lines, args.out)
     return 0
 
 

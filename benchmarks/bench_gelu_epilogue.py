@@ -40,6 +40,14 @@ def median_ms(fn, iters=30):
     return statistics.median(times)
 
 
+def print_table(lines, path=None):
+    """Print the markdown lines, and write them to path when one is given."""
+    print("\n".join(lines))
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="markdown table to write")
@@ -67,10 +75,7 @@ def main(argv=None):
         lines.append(f"| {stage} | {m}, {k}, {n} | {t_official:.3f} | {t_epilogue:.3f} | {t_official / t_epilogue:.2f} "
                      f"| {rel_o:.1e}, {rel_e:.1e} | {max_o:.1e}, {max_e:.1e} |")
         del x, w, b, reference, official, epilogue
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    print_table(lines, args.out)
     return 0
 
 
