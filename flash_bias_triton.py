@@ -222,12 +222,15 @@ if triton is not None:
                     RANK, RANK_PAD: tl.constexpr,
                     IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr, SHIFT: tl.constexpr,
                     BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
-                    WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr,
-                    NORM_EPS: tl.constexpr, REGION_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, NORM_EPS: tl.constexpr,
+                    REGION_COLS: tl.constexpr, SCALE_COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """The key blocks of one window for BLOCK_M queries: (acc, l_i, m_i) of the online softmax, m_i in log2
         units. mixed: whether the window holds more than one region (only those get the mask); onehot: whether its
         mask is the one-hot dot with onehot_q (region ids from region_lo), which adds -MASK_VALUE within a region
-        instead of MASK_VALUE across regions (a row's constant: see _flash_bias_fwd for the LSE)."""
+        instead of MASK_VALUE across regions (a row's constant: see _flash_bias_fwd for the LSE). SCALE_COLUMNS
+        (cosine): the keys enter the dot as loaded and each score column is scaled by its key's 1 / max(|k|, eps),
+        instead of each key being normalised and rounded first."""
         LOG2E: tl.constexpr = 1.4426950408889634
         EVEN_N: tl.constexpr = N % BLOCK_N == 0
         offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -238,10 +241,12 @@ if triton is not None:
             tok_n = _token_index(offs_n, row0, col0, IMG_H, IMG_W, WIN_W, SHIFT).to(tl.int64) * stride_l
             kv_mask = n_valid[:, None] & d_valid[None, :]
             k = tl.load(k_base + tok_n[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if COSINE:
+            if COSINE and not SCALE_COLUMNS:
                 k32 = k.to(tl.float32)
                 k = (k32 * _inv_norm(k32, NORM_EPS)[:, None]).to(k.dtype)
             qk = tl.dot(q, tl.trans(_operand(k, WIDEN_DOTS)))
+            if SCALE_COLUMNS:
+                qk = qk * _inv_norm(k.to(tl.float32), NORM_EPS)[None, :]
             if HAS_MASK:
                 if onehot:
                     region_k = tl.load(region_base + offs_n, mask=n_valid, other=0)
@@ -300,7 +305,16 @@ if triton is not None:
 
         A flat grid with the query block fastest, then the head, then the window: programs that run
         together share K/V tiles and the bias of a head in L2, and no grid axis limits the batch.
-        STORE_LSE: also each row's log-sum-exp, float32 (B, H*W, H) in token order, for the backward."""
+        STORE_LSE: also each row's log-sum-exp, float32 (B, H*W, H) in token order, for the backward.
+
+        Cosine scores at inference scale each key's column of scores by its inverse norm (_attn_inner's
+        SCALE_COLUMNS) rather than normalise the key tile first: on an H100 at SwinV2-B/384 batch 64, 1.288 against
+        1.314 ms at stage 1 shifted and 0.276 against 0.309 ms at stage 3 (SDPA without a bias: 1.114 and 0.286),
+        and nearer float64 (relative L2 5.8e-4 against 7.8e-4), the normalised keys no longer being rounded. A forward
+        that stores the LSE normalises the keys as the backward does, so that the backward's recomputed P sums to 1
+        against it (with raw keys scaled in the forward, a bfloat16 backward test's d qkv error rose from under its
+        0.08 limit to 0.086)."""
+        SCALE_COLUMNS: tl.constexpr = COSINE and not STORE_LSE
         # the one-hot mask's columns: tl.dot's smallest K; Swin's shifted windows hold ids 0..8
         REGION_COLS: tl.constexpr = 16
         NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
@@ -354,7 +368,7 @@ if triton is not None:
                                region_base, row0, col0,
                                N, HEAD_DIM, HEAD_DIM_PAD, RANK, RANK_PAD, IMG_H, IMG_W, WIN_W, SHIFT,
                                BIAS_MODE, HAS_MASK, COSINE, WIDEN_DOTS, MASK_VALUE, NORM_EPS,
-                               REGION_COLS, BLOCK_M, BLOCK_N)
+                               REGION_COLS, SCALE_COLUMNS, BLOCK_M, BLOCK_N)
         acc = acc / l_i[:, None]
         out_ptrs = (out_ptr + b.to(tl.int64) * stride_out_b + tok_m[:, None] * stride_out_l
                     + h * HEAD_DIM + offs_d[None, :])
@@ -1682,11 +1696,19 @@ def mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # A SwinV2 block's tail at inference: both res-post-norm steps and the MLP in one kernel
 # ----------------------------------------------------------------------------------------------
-# The widest C the fused tail takes; 0: none. Up to C = 256 a SwinV2 block's MLP moves more bytes than it computes: at
-# SwinV2-B/384 stages 1-2 (C = 128, 256) the separate fc1 / fc2 / LayerNorm passes write and read the (M, 4C) hidden
-# features, ~2.4 GB per stage-1 block at batch 64. Off until its kernel has been timed on a GPU against those passes
-# (benchmarks/bench_block_tail.py; the session that wrote it had no GPU): then 256, or what that run says.
-BLOCK_TAIL_MAX_C = 0
+# The widest C the fused tail takes at any row count; 0: none. At SwinV2-B/384 batch 64 on an H100
+# (benchmarks/block_tail_nvidia-h100-80gb-hbm3.md) the kernel beat the separate fc1 / fc2 / LayerNorm passes at stage 1
+# (C = 128: 0.893 against 1.162 ms) and lost from stage 2 on (C = 256: 0.899 against 0.640 ms at best), where the
+# GEMMs' own speed outweighs the hidden features' traffic.
+BLOCK_TAIL_MAX_C = 128
+# Wider blocks take the fused tail when they have at most this many rows (tokens of the batch); 0: none. Few rows mean
+# a small batch, whose forward the host bounds, not the GPU: one launch instead of four saves host time, and the kernel
+# was faster there too (576 rows, C = 512: 0.105 against 0.305 ms; 2304 rows, C = 256: 0.050 against 0.119 ms), not
+# at 4608 rows (C = 512: 0.279 against 0.225 ms).
+BLOCK_TAIL_WIDE_ROWS = 2304
+# The widest C the kernel takes at all: at C = 1024 fc2's (BLOCK_M, C) accumulator leaves too few registers (out of
+# resources with 16 or 32 rows and 64 hidden features a step; 6.8 against 0.26 ms with 32 and 32, at 144 rows)
+BLOCK_TAIL_WIDEST_C = 512
 
 if triton is not None:
 
@@ -1745,10 +1767,11 @@ if triton is not None:
 @functools.lru_cache(maxsize=None)
 def _block_tail_config(C: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_H, num_warps, num_stages): fc2's (BLOCK_M, C) float32 accumulator sits in registers beside
-    fc1's operand, so a wider C takes fewer rows."""
+    fc1's operand, so a wider C takes fewer rows. The fastest of six on an H100 at each width (C = 128 at 589824 rows:
+    0.893 ms against 1.250 for 128 x 64 with 8 warps; C = 512 at 576 rows: 0.105 against 0.147 for 32 rows)."""
     if _interpreting():
         return 16, 32, 4, 1
-    return (128, 64, 8, 2) if C <= 128 else (64, 64, 8, 2)
+    return (64, 64, 4, 2) if C <= 128 else (32, 64, 4, 2) if C <= 256 else (16, 64, 4, 2)
 
 
 def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
@@ -1812,7 +1835,9 @@ def block_tail(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNor
     Returns:
         (x2, x2 in the autocast dtype or None), as :func:`residual_layer_norm` returns them.
     """
-    half = autocast_dtype(x.device.type) if x.shape[-1] <= BLOCK_TAIL_MAX_C else None   # off: no more host time
+    C = x.shape[-1]
+    wanted = C <= BLOCK_TAIL_WIDEST_C and (C <= BLOCK_TAIL_MAX_C or x.numel() <= BLOCK_TAIL_WIDE_ROWS * C)
+    half = autocast_dtype(x.device.type) if wanted else None   # off: no more host time
     if half is not None and _block_tail_fusable(x, attn_out, norm1, mlp, norm2, half):
         fc1, fc2 = mlp.fc1, mlp.fc2
         weights = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
