@@ -1824,10 +1824,10 @@ def block_tail(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNor
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A SwinV2 block after its attention at inference: ``x1 = x + norm1(attn_out)``, ``x2 = x1 + norm2(mlp(x1))``.
 
-    Under CUDA's autocast to float16 / bfloat16, with a float32 residual, C <= BLOCK_TAIL_MAX_C (0, off, until timed
-    on a GPU) and the official ``Mlp`` (fc1, erf GELU, fc2), it is one kernel (:func:`_block_tail_fwd`) that rounds
-    where the official block under autocast rounds. Elsewhere it is :func:`residual_steps` around
-    :func:`mlp_forward`.
+    Under CUDA's autocast to float16 / bfloat16, with a float32 residual, the official ``Mlp`` (fc1, erf GELU, fc2)
+    and C <= BLOCK_TAIL_MAX_C, or C <= BLOCK_TAIL_WIDEST_C with at most BLOCK_TAIL_WIDE_ROWS rows, it is one kernel
+    (:func:`_block_tail_fwd`) that rounds where the official block under autocast rounds. Elsewhere it is
+    :func:`residual_steps` around :func:`mlp_forward`.
 
     Args:
         x: (..., C) the block's input; attn_out: (..., C) the attention's projected output; norm1, norm2: LayerNorms

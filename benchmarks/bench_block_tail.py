@@ -7,10 +7,10 @@ Part 1, at the SwinV2-B/384 batch-64 shapes of each stage (tokens, C, 4C), fp16 
 (``residual_steps`` around ``mlp_forward``: a LayerNorm pass, fc1 with cuBLASLt's GELU, fc2, a LayerNorm pass)
 against ``block_tail``'s kernel with each ``--configs`` entry (BLOCK_M x BLOCK_H x warps x stages), with the
 relative L2 error of each against float64 (erf GELU, no rounding) on the first 4096 rows. Part 2: the whole
-SwinV2-B/384 at batch 64 (eager, no CUDA graphs, trained-like weights), the fused tail on
-(the defaults: ``BLOCK_TAIL_MAX_C``, ``BLOCK_TAIL_WIDE_ROWS``) against off (both 0), alternating in one process, and the official math; logits against
-the official math's. Medians of ``triton.testing.do_bench`` (part 1) and of CUDA-event timings (part 2), on seeded
-random inputs. Needs CUDA.
+SwinV2-B/384 at batch 64 (eager, no CUDA graphs, trained-like weights), the fused tail on (the defaults:
+``BLOCK_TAIL_MAX_C``, ``BLOCK_TAIL_WIDE_ROWS``) against off (both 0), alternating in one process, and the official
+math; logits against the official math's. Medians of ``triton.testing.do_bench`` (part 1) and of CUDA-event
+timings (part 2), on seeded random inputs. Needs CUDA.
 """
 import argparse
 import os
@@ -134,12 +134,13 @@ def bench_model(lines, rounds=3, iters=10):
     model.set_flash_bias(fused=False)
     official = forward().float()
     official_ms = median_ms(forward, max(3, iters // 2))
-    lines += ["", "| SwinV2-B/384, batch 64, eager | ms (per round) | vs official | logits rel. L2 to official | top-1 |",
-              "|---|---|---:|---:|---:|"]
+    lines += ["", "| SwinV2-B/384, batch 64, eager | ms (per round) | vs official | logits rel. L2 to official "
+              "| top-1 |", "|---|---|---:|---:|---:|"]
     for setting, name in (("on", f"fused tail (C <= {settings['on'][0]})"), ("off", "separate passes")):
         ms = statistics.median(times[setting])
         agree = (logits[setting].argmax(1) == official.argmax(1)).float().mean().item()
-        lines.append(f"| {name} | {ms:.2f} ({', '.join(f'{t:.2f}' for t in times[setting])}) | {official_ms / ms:.2f} "
+        rounds = ", ".join(f"{t:.2f}" for t in times[setting])
+        lines.append(f"| {name} | {ms:.2f} ({rounds}) | {official_ms / ms:.2f} "
                      f"| {rel_l2(logits[setting], official):.1e} | {agree:.3f} |")
     lines.append(f"| official math | {official_ms:.2f} | 1.00 | | |")
 
