@@ -1769,8 +1769,6 @@ def _block_tail_config(C: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_H, num_warps, num_stages): fc2's (BLOCK_M, C) float32 accumulator sits in registers beside
     fc1's operand, so a wider C takes fewer rows. The fastest of six on an H100 at each width (C = 128 at 589824 rows:
     0.893 ms against 1.250 for 128 x 64 with 8 warps; C = 512 at 576 rows: 0.105 against 0.147 for 32 rows)."""
-    if _interpreting():
-        return 16, 32, 4, 1
     return (64, 64, 4, 2) if C <= 128 else (32, 64, 4, 2) if C <= 256 else (16, 64, 4, 2)
 
 
@@ -1787,7 +1785,8 @@ def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.
     if POISON_OUTPUT:
         out.fill_(float("nan"))
         low.fill_(float("nan"))
-    block_m, block_h, warps, stages = _block_tail_config(C)
+    # the interpreter: small blocks (its time grows with them); asked at each launch, not cached with the GPU's
+    block_m, block_h, warps, stages = (16, 32, 4, 1) if _interpreting() else _block_tail_config(C)
     _launcher(_block_tail_fwd, wrap)[(_cdiv(rows, block_m),)](
         x, attn, norm1_weight, norm1_bias, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
         norm2_weight, norm2_bias, out, low, rows, eps1, eps2, C=C, HID=HID, BLOCK_C=_next_pow2(C), BLOCK_M=block_m,
