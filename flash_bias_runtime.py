@@ -112,8 +112,10 @@ class LayerBias:
         kernel = qkv.is_cuda and qkv.dtype != torch.float64
         if self.wants_training_bias(attn):
             # training: the exact bias in float32 (its gradient reaches the bias weights as the official math's
-            # does); low-rank factors carry no gradient
-            return {"bias": attn.derive_bias(dtype=torch.float32, requires_grad=True)}
+            # does); low-rank factors carry no gradient. Keys rounded as the backward rounds them, also without
+            # grad: the reentrant checkpoint's first forward must give the bits its recomputation differentiates
+            # (with scaled score columns there, a SwinV2-T logit_scale gradient moved from 0.0226 to 0.0310)
+            return {"bias": attn.derive_bias(dtype=torch.float32, requires_grad=True), "normalize_keys": True}
         if self.low_rank:
             if self.stamp is None or not self.stamp.matches(attn):
                 self.prepare(attn)

@@ -23,11 +23,11 @@ import numpy as np
 
 try:  # FlashBias: inside the official `models` package, or as top-level modules
     from .flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
-                                    patch_embed_forward, residual_layer_norm, tracing_or_exporting)
+                                    merge_patches, patch_embed_forward, residual_layer_norm, tracing_or_exporting)
     from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 except ImportError:
     from flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
-                                   patch_embed_forward, residual_layer_norm, tracing_or_exporting)
+                                   merge_patches, patch_embed_forward, residual_layer_norm, tracing_or_exporting)
     from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
 
 
@@ -409,9 +409,9 @@ class SwinTransformerBlock(nn.Module):
 
         return x
 
-    def forward_fused(self, x, x_low=None, bias=None, qkv_bias=None):
-        """FlashBias: the block on the fused kernels (training: see below). The attention kernel does the cyclic shift, the window partition /
-        reverse and the shift mask itself; the rest, both residual + res-post-norm steps and the MLP (drop path is the
+    def forward_fused(self, x, x_low=None, bias=None, qkv_bias=None, merge=False):
+        """FlashBias: the block on the fused kernels (training: see below). The attention kernel does the cyclic
+        shift, the window partition / reverse and the shift mask itself; the rest, both residual + res-post-norm steps and the MLP (drop path is the
         identity at inference), is block_tail: two LayerNorm passes around the MLP (or one kernel for all, where
         enabled). Under autocast it also writes the half-precision copy of the output that the next matmul reads.
 
@@ -419,8 +419,10 @@ class SwinTransformerBlock(nn.Module):
             x: (B, H*W, C) the block's input; x_low: x in the autocast dtype when the previous block wrote it, else None
             bias, qkv_bias: the attention's exact bias and qkv bias, made with its stage (BasicLayer.forward_fused), or
                 None
+            merge: the last block before a patch merging: the half-precision copy in the merging's layout
+                (merge_patches), and then no float32 output
         Returns:
-            (output, output in the autocast dtype, or None)
+            (output or None, output in the autocast dtype (merged with merge), or None)
         """
         attn = self.attn.forward_fused(x if x_low is None else x_low, image_size=self.input_resolution,
                                        shift_size=self.shift_size, region_ids=self.region_ids, bias=bias,
@@ -428,7 +430,8 @@ class SwinTransformerBlock(nn.Module):
         if self.training:  # drop path is random in training: the official residual steps around the fused attention
             x = x + self.drop_path(self.norm1(attn))
             return x + self.drop_path(self.norm2(self.mlp(x))), None
-        return block_tail(x, attn, self.norm1, self.mlp, self.norm2)
+        return block_tail(x, attn, self.norm1, self.mlp, self.norm2,
+                          merge_size=self.input_resolution if merge else None)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, " \
@@ -488,18 +491,20 @@ class PatchMerging(nn.Module):
 
         return x
 
-    def forward_fused(self, x):
+    def forward_fused(self, x, merged=False):
         """FlashBias: forward at inference, its norm one pass of the residual + LayerNorm kernel (no residual). Under
         CUDA's autocast self.norm is two: a cast of the reduction's half-precision output to float32, then a float32
-        LayerNorm, ~1.3 ms of a SwinV2-B/384 batch-64 forward. x: (B, H*W, C) -> (B, H/2*W/2, 2C), as forward."""
+        LayerNorm, ~1.3 ms of a SwinV2-B/384 batch-64 forward. x: (B, H*W, C) -> (B, H/2*W/2, 2C), as forward; merged:
+        x is already gathered, (B, H/2*W/2, 4C) (the stage's last block wrote it so)."""
         H, W = self.input_resolution
-        B, L, C = x.shape
-        assert L == H * W, "input feature has wrong size"
-        assert H % 2 == 0 and W % 2 == 0, f"x size ({H}*{W}) are not even."
-
-        # forward's cat of x0, x1, x2, x3 as one permuting copy (slice 2 * column parity + row parity): 0.21 against
-        # 0.28 ms for the cat at SwinV2-B/384 stage 1, batch 64, H100
-        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
+        if merged:
+            B, L, C4 = x.shape
+            assert L * 4 == H * W and C4 == 4 * self.dim, "input feature has wrong size"
+        else:
+            B, L, C = x.shape
+            assert L == H * W, "input feature has wrong size"
+            assert H % 2 == 0 and W % 2 == 0, f"x size ({H}*{W}) are not even."
+            x = merge_patches(x, (H, W))  # forward's cat of x0, x1, x2, x3 as one permuting copy
         x = self.reduction(x)
         return residual_layer_norm(None, x, self.norm)[0]
 
@@ -583,15 +588,18 @@ class BasicLayer(nn.Module):
     def forward_fused(self, x):
         """FlashBias: the blocks at inference, each handing the next the half-precision copy of its output that its last
         residual + LayerNorm pass wrote under autocast (the qkv matmul's input: no cast kernel), then the downsample,
-        which gathers from that copy too (its matmul reads half precision under autocast anyway: same result)."""
+        which reads that copy too (its matmul reads half precision under autocast anyway: same result), written by the
+        last block already gathered in the merging's layout: no copy, and no float32 output (at SwinV2-B/384 batch 64
+        the merging copies took ~0.4 ms of the forward on an H100)."""
         x_low = None
         attns = [blk.attn for blk in self.blocks]
         biases = LayerBias.stage_biases(attns, x)  # two launches, not two per block
         qkv_biases = WindowAttention.qkv_biases(attns)  # three launches, not three per block
         for i, (blk, bias) in enumerate(zip(self.blocks, biases)):
-            x, x_low = blk.forward_fused(x, x_low, bias, None if qkv_biases is None else qkv_biases[i])
-        if self.downsample is not None:
-            x = self.downsample.forward_fused(x if x_low is None else x_low)
+            merge = self.downsample is not None and i == len(self.blocks) - 1
+            x, x_low = blk.forward_fused(x, x_low, bias, None if qkv_biases is None else qkv_biases[i], merge)
+        if self.downsample is not None:  # x is None where the last block wrote its half-precision copy merged
+            x = self.downsample.forward_fused(x if x_low is None else x_low, merged=x is None)
         return x
 
     def extra_repr(self) -> str:
