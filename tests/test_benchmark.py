@@ -104,6 +104,16 @@ def test_bench_block_tail_user_errors_exit_2():
         assert stderr.startswith(f"error: --configs: '{bad}' is not a comma list") and "Traceback" not in stderr
 
 
+def test_bench_compile_gap_user_errors_exit_2():
+    """It needs CUDA, and says so; an unknown --modes entry is named with the known ones."""
+    script = os.path.join(ROOT, "benchmarks", "bench_compile_gap.py")
+    _, stderr = run_benchmark("--modes", "default", expect=2, script=script)
+    assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--modes", "default,max-autotune", expect=2, script=script)
+    assert stderr.startswith("error: --modes: 'default,max-autotune' is not a comma list of default, "
+                             "reduce-overhead, freezing") and "Traceback" not in stderr
+
+
 def test_bench_attention_cpu(tmp_path):
     """Every variant runs on the CPU (float32 inputs; a float16 mask once failed the SDPA row) and agrees
     with the reference; the markdown table has them all."""
