@@ -411,9 +411,10 @@ class SwinTransformerBlock(nn.Module):
 
     def forward_fused(self, x, x_low=None, bias=None, qkv_bias=None, merge=False):
         """FlashBias: the block on the fused kernels (training: see below). The attention kernel does the cyclic
-        shift, the window partition / reverse and the shift mask itself; the rest, both residual + res-post-norm steps and the MLP (drop path is the
-        identity at inference), is block_tail: two LayerNorm passes around the MLP (or one kernel for all, where
-        enabled). Under autocast it also writes the half-precision copy of the output that the next matmul reads.
+        shift, the window partition / reverse and the shift mask itself; the rest, both residual + res-post-norm
+        steps and the MLP (drop path is the identity at inference), is block_tail: two LayerNorm passes around the
+        MLP (or one kernel for all, where enabled). Under autocast it also writes the half-precision copy of the
+        output that the next matmul reads.
 
         Args:
             x: (B, H*W, C) the block's input; x_low: x in the autocast dtype when the previous block wrote it, else None
@@ -589,8 +590,8 @@ class BasicLayer(nn.Module):
         """FlashBias: the blocks at inference, each handing the next the half-precision copy of its output that its last
         residual + LayerNorm pass wrote under autocast (the qkv matmul's input: no cast kernel), then the downsample,
         which reads that copy too (its matmul reads half precision under autocast anyway: same result), written by the
-        last block already gathered in the merging's layout: no copy, and no float32 output (at SwinV2-B/384 batch 64
-        the merging copies took ~0.4 ms of the forward on an H100)."""
+        last block already gathered in the merging's layout: no copy, and no float32 output (SwinV2-B/384 at batch 64
+        on an H100: 27.36 against 27.95 ms a forward with the merging's own copy)."""
         x_low = None
         attns = [blk.attn for blk in self.blocks]
         biases = LayerBias.stage_biases(attns, x)  # two launches, not two per block
