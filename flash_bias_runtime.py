@@ -210,6 +210,8 @@ class FlashBiasSettings:
         half-precision copies of the Linear weights (ForwardGraphs.run_eagerly).
     """
 
+    device_types = ("cuda",)  # where forwards are replayed (tests set ("cpu",) with a fake capture)
+
     def __init__(self, rank_rule=None, factors_path=None, cuda_graphs=None):
         if rank_rule is not None:
             factor_files.parse_rank_rule(rank_rule)
@@ -224,14 +226,31 @@ class FlashBiasSettings:
         """The model's output for x replayed from a CUDA graph, else run eagerly on the weight copies under autocast,
         or None to run the plain forward. Only where x is on CUDA, the settings are resolved (the first forward runs
         plainly), every layer runs fused with the exact bias (a low-rank layer's weight check needs the host), and
-        nothing trains, needs a gradient, traces or compiles."""
-        if not (x.is_cuda and self.resolved) or self.graphs.in_forward:
+        nothing trains, needs a gradient or traces.
+
+        Under torch.compile, inference under torch.no_grad() replays the same way outside the compiled graph (one
+        graph break) unless the graphs are off: Inductor has nothing left to fuse in a forward of our kernels, and
+        tracing it made the compiled model 2.6-4.5% slower than eager at SwinV2-B/384 batch 64 (each weight cast in
+        its own launch: 480 kernels to 302; benchmarks/compile_gap_nvidia-h100-80gb-hbm3.md). Training, gradients,
+        graphs off and export are traced."""
+        if self.graphs.in_forward:   # a capture, or an eager run on the weight copies: its forward runs plainly
+            return None
+        if torch.compiler.is_compiling():
+            if (x.device.type not in self.device_types or model.training or torch.is_grad_enabled()
+                    or self.cuda_graphs is False or tracing_or_exporting()):
+                return None
+            return _replay_beside_the_compiler(self, model, x)
+        return self.replay_eagerly(model, x)
+
+    def replay_eagerly(self, model, x):
+        """replay outside torch.compile."""
+        if not (x.device.type in self.device_types and self.resolved):
             return None
         if not self.layers[0].use_fused_attn(x) or tracing_or_exporting() or model.training:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
             return None
-        if torch.compiler.is_compiling() or any(attn.flash_bias.low_rank or not attn.fused_attn for attn in self.layers):
+        if any(attn.flash_bias.low_rank or not attn.fused_attn for attn in self.layers):
             return None
         replayed = self.graphs.run(model, x) if self.cuda_graphs else None
         return replayed if replayed is not None else self.graphs.run_eagerly(model, x)
@@ -273,6 +292,17 @@ class FlashBiasSettings:
                     return None
                 path = default
         return factor_files.read_factor_file(os.fspath(path))
+
+
+@torch.compiler.disable
+def _replay_beside_the_compiler(settings, model, x):
+    """FlashBiasSettings.replay for a compiled model, run eagerly: the settings resolved first, as the uncompiled
+    forward would at its first call, and None (Dynamo traces the forward) where graphs are off."""
+    if not settings.resolved:
+        layers = window_attention_layers(model)
+        if layers and layers[0][1].use_fused_attn(x):
+            settings.resolve(model)
+    return settings.replay_eagerly(model, x) if settings.cuda_graphs else None
 
 
 def configure(model, rank_rule=None, factors_path=None, fused=None, cuda_graphs=None):
@@ -328,7 +358,11 @@ class ForwardGraphs:
         self.entries.move_to_end(key)
         replay, static_input, static_output, _ = entry
         static_input.copy_(x)
-        replay()
+        self.in_forward = True   # a graph runs no Python; a test's fake replay runs the forward again, plainly
+        try:
+            replay()
+        finally:
+            self.in_forward = False
         return static_output.clone()
 
     def run_eagerly(self, model, x):

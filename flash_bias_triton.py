@@ -1767,10 +1767,12 @@ def mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 # GEMMs' own speed outweighs the hidden features' traffic.
 BLOCK_TAIL_MAX_C = 128
 # Wider blocks take the fused tail when they have at most this many rows (tokens of the batch); 0: none. Few rows mean
-# a small batch, whose forward the host bounds, not the GPU: one launch instead of four saves host time, and the kernel
-# was faster there too (576 rows, C = 512: 0.105 against 0.305 ms; 2304 rows, C = 256: 0.050 against 0.119 ms), not
-# at 4608 rows (C = 512: 0.279 against 0.225 ms).
-BLOCK_TAIL_WIDE_ROWS = 2304
+# a small batch, whose eager forward the host bounds: one launch instead of four saved host time (576 rows, C = 512:
+# 0.105 against 0.305 ms by do_bench; SwinV2-B/384 batch 1, eager: 8.62 against 11.35 ms a forward). But on the GPU
+# it is slower at those rows (batch 1: 3.13 against 1.66 ms of kernels a forward, CUDA graph replay 3.35 against 2.23
+# ms, two runs of 2026-12-07 on an H100), and a graph replays what eager runs, bit for bit, so one choice serves both:
+# the GPU's.
+BLOCK_TAIL_WIDE_ROWS = 0
 # The widest C the kernel takes at all: at C = 1024 fc2's (BLOCK_M, C) accumulator leaves too few registers (out of
 # resources with 16 or 32 rows and 64 hidden features a step; 6.8 against 0.26 ms with 32 and 32, at 144 rows)
 BLOCK_TAIL_WIDEST_C = 512

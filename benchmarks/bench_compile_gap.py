@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
 """torch.compile of the drop-in against its own eager forward (CUDA graphs off in both), alternating in one process.
+With the graphs on (the default) a compiled model's inference replays them beside the compiler and nothing is traced
+(flash_bias_runtime.FlashBiasSettings.replay; bench_batch_sweep.py --compile measures that); this script measures
+the traced inference forward that ``cuda_graphs=False`` gets.
 
     python benchmarks/bench_compile_gap.py [--model b384] [--batch 64] [--modes default,freezing,reduce-overhead]
                                            [--rounds 3] [--iters 10] [--kernels 20] [--out FILE.md]

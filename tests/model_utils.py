@@ -52,6 +52,21 @@ def images(n: int = 4, size: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+class TracedOps:
+    """A torch.compile backend that keeps, for each graph Dynamo hands it, the targets of its calls (as strings), and
+    runs the graph as traced."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm
+
+    def targets(self):
+        return {t for graph in self.graphs for t in graph}
+
+
 class FakeCapture:
     """Stands for flash_bias_runtime._capture_cuda_graph on the CPU: counts captures; a replay runs the captured
     function again into the same output tensor, as a graph replay writes its static output."""

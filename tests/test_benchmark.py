@@ -227,3 +227,10 @@ def test_plot_train_curves(tmp_path):
     short = _train_log(tmp_path / "short.log", [0.70], 0.1, 5000)
     _, stderr = run_benchmark(official, short, "--out", tmp_path / "x", expect=2, script=CURVES_SCRIPT)
     assert "1 steps" in stderr
+
+
+def test_bench_fc1_gemm_user_errors_exit_2():
+    """It needs CUDA, and says so."""
+    script = os.path.join(ROOT, "benchmarks", "bench_fc1_gemm.py")
+    _, stderr = run_benchmark("--seconds", "1", expect=2, script=script)
+    assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flash_bias_runtime as runtime
-from model_utils import MINI, FakeCapture, images, make_model
+from model_utils import MINI, FakeCapture, TracedOps, images, make_model
 
 
 def make(seed=0):
@@ -155,3 +155,35 @@ def test_eager_run_on_the_weight_copies(monkeypatch):
         with autocast():
             graphs.run_eagerly(model, x)
         assert id(model.head.weight) in {id(p) for _, _, p in graphs.weight_copies[torch.bfloat16].slots}
+
+
+def test_compiled_inference_replays_beside_the_compiler(monkeypatch):
+    """Under torch.compile, no-grad inference runs the graphs' replay outside the compiled graph: nothing of the
+    forward is traced, the settings resolve at the first compiled call, and a key is captured at its second sight
+    as in eager; training and graphs off are traced. (CPU: replays allowed on the CPU, a fake capture, CUDA's
+    autocast state faked, CPU autocast on.)"""
+    monkeypatch.setattr(runtime.FlashBiasSettings, "device_types", ("cpu",))
+    monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
+    model = make_model(MINI)
+    fake = FakeCapture()
+    model.flash_bias_settings.graphs = runtime.ForwardGraphs(capture=fake)
+    x = images(2, 32)
+    traced = TracedOps()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=traced)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [compiled(x) for _ in range(3)]
+        assert model.flash_bias_settings.resolved and fake.captures == 1
+        expected = model(x)
+    assert not traced.targets(), traced.graphs
+    assert all(torch.equal(out, expected) for out in outs)
+    model.set_flash_bias(cuda_graphs=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x)
+    assert traced.targets()
+    traced.graphs.clear()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x)
+    assert traced.targets() and fake.captures == 1
+    torch._dynamo.reset()

@@ -5,7 +5,7 @@ equivalences through the PyTorch path and, in a subprocess, the interpreted kern
 import pytest
 import torch
 
-from model_utils import B384, TINY, images, make_model, make_timm_model, rel_l2, swin
+from model_utils import B384, TINY, TracedOps, images, make_model, make_timm_model, rel_l2, swin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -162,22 +162,41 @@ def test_no_graphs_for_training_gradients_or_low_rank():
 
 
 def test_torch_compile_keeps_the_fused_kernels():
-    """Under torch.compile the graph holds FlashBias's custom ops, not the PyTorch attention (whose batched
-    matmuls would make the compiled model slower than eager)."""
+    """Under torch.compile with the drop-in's CUDA graphs off, the graph holds FlashBias's custom ops, not the
+    PyTorch attention (whose batched matmuls would make the compiled model slower than eager)."""
     model = make_model(TINY).cuda()
     model.requires_grad_(False)
+    model.set_flash_bias(cuda_graphs=False)
     x = images(4, 64).cuda()
-    targets = set()
-
-    def record(gm, example_inputs):
-        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
+    traced = TracedOps()
     eager = _logits(model, x, torch.float16)
-    compiled = torch.compile(model, backend=record)
+    compiled = torch.compile(model, backend=traced)
     out = _logits(compiled, x, torch.float16)
+    targets = traced.targets()
     assert any("flash_bias.window_attention" in t for t in targets), sorted(targets)
     assert not any("bmm" in t or "matmul" in t for t in targets), sorted(targets)
     assert rel_l2(out, eager) < 1e-3
+
+
+def test_torch_compile_replays_the_drop_in_graphs():
+    """With the CUDA graphs on (the default), a compiled model's no-grad inference replays them beside the compiler:
+    nothing of it traced, the eager graph's bits, one capture; a model compiled before its first forward resolves
+    its settings in that replay. In training mode Dynamo traces the forward."""
+    model = make_model(TINY).cuda()
+    x = images(4, 64).cuda()
+    traced = TracedOps()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=traced)
+    outs = [_logits(compiled, x, torch.float16) for _ in range(4)]
+    assert model.flash_bias_settings.resolved and len(model.flash_bias_settings.graphs.entries) == 1
+    assert not traced.targets(), traced.graphs
+    eager = _logits(model, x, torch.float16)
+    assert all(torch.equal(out, eager) for out in outs)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.float16):
+        compiled(x)
+    assert traced.targets()
+    torch._dynamo.reset()
 
 
 def _loss_and_grads(model, x, y, dtype):
