@@ -804,8 +804,7 @@ class SwinTransformerV2(nn.Module):
         return {"cpb_mlp", "logit_scale", 'relative_position_bias_table'}
 
     def forward_features(self, x):
-        if not self.flash_bias_settings.resolved and self.layers[0].blocks[0].attn.use_fused_attn(x):
-            self.flash_bias_settings.resolve(self)  # FlashBias: once, at the first fused forward
+        self.flash_bias_settings.resolve_at_first_fused_forward(self, self.layers[0].blocks[0].attn, x)  # FlashBias
         x = self.patch_embed.forward_fused(x) if self.layers[0].forward_fuses(x) else self.patch_embed(x)  # FlashBias
         if self.ape:
             x = x + self.absolute_pos_embed

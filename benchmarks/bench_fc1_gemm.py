@@ -173,10 +173,10 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=150.0, help="stop starting new configs after this long")
     p.add_argument("--out", help="markdown table")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available() or triton is None:
-        raise UserError("this benchmark needs CUDA and Triton (a Hopper GPU, for the TMA descriptors)")
     if args.seconds <= 0:
         raise UserError(f"--seconds must be > 0; got {args.seconds}")
+    if not torch.cuda.is_available() or triton is None:
+        raise UserError("this benchmark needs CUDA and Triton (a Hopper GPU, for the TMA descriptors)")
     head = ["| shape | path | ms | TFLOP/s | rel. L2 vs float64 erf GELU |", "|---|---|---:|---:|---:|"]
     print("\n".join(head))
     rows = measure(args.seconds)

@@ -230,7 +230,9 @@ def test_plot_train_curves(tmp_path):
 
 
 def test_bench_fc1_gemm_user_errors_exit_2():
-    """It needs CUDA, and says so."""
+    """It needs CUDA, and says so; a --seconds that is not positive is named first."""
     script = os.path.join(ROOT, "benchmarks", "bench_fc1_gemm.py")
     _, stderr = run_benchmark("--seconds", "1", expect=2, script=script)
     assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--seconds", "0", expect=2, script=script)
+    assert stderr.startswith("error: --seconds must be > 0; got 0.0") and "Traceback" not in stderr
