@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flash_bias_runtime import ForwardGraphs
+from flash_bias_runtime import ForwardGraphs, replaying_call
 from flash_bias_triton import (BACKENDS, autocast_dtype, bias_from_table, flash_bias_attention, region_mask,
                                residual_steps, shifted_window_region_ids, tracing_or_exporting)
 
@@ -366,7 +366,7 @@ class _GraphTarget:
     def __init__(self, module: nn.Module, function: Callable[[torch.Tensor], torch.Tensor]):
         self.module, self.function = module, function
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.function(x)
 
     def parameters(self):
@@ -379,7 +379,6 @@ class _GraphTarget:
 class _GraphedForward(_PatchedForward):
     """A module's forward replayed from CUDA graphs while every patched block under it runs fused; else the
     class's own forward. Copies and pickles start with no graphs."""
-    device_types = ("cuda",)  # tests set ("cpu",) with a fake capture
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -390,9 +389,9 @@ class _GraphedForward(_PatchedForward):
         return {**self.__dict__, "graphs": collections.OrderedDict(), "blocks": None}
 
     def replayable(self, x: torch.Tensor) -> bool:
-        if x.device.type not in self.device_types or self.module.training or tracing_or_exporting():
+        if x.device.type not in ForwardGraphs.device_types or self.module.training or tracing_or_exporting():
             return False
-        if torch.compiler.is_compiling() or any(g.in_forward for g in self.graphs.values()):
+        if any(g.in_forward for g in self.graphs.values()):
             return False
         if self.blocks is None:
             self.blocks = [m.__dict__["forward"] for m in self.module.modules()
@@ -411,36 +410,45 @@ class _GraphedForward(_PatchedForward):
 
 
 class _TimmGraphedForward(_GraphedForward):
-    """timm SwinTransformerV2.forward(x)."""
+    """timm SwinTransformerV2.forward(x); replayed outside torch.compile (replaying_call)."""
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs):
+    def replayed(self, x: torch.Tensor, *args, **kwargs):
         module = self.module
-        if not args and not kwargs and self.replayable(x):
-            out = self.replay(None, lambda inp: type(module).forward(module, inp), x)
-            if out is not None:
-                return out
-        return type(module).forward(module, x, *args, **kwargs)
+        if args or kwargs or not self.replayable(x):
+            return None
+        return self.replay(None, lambda inp: type(module).forward(module, inp), x)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return type(self.module).forward(self.module, x, *args, **kwargs)
+
+    __call__ = replaying_call(forward, replayed)
 
 
 class _TransformersGraphedForward(_GraphedForward):
     """transformers Swinv2Encoder.forward(hidden_states, input_dimensions, ..., return_dict=True): replayed when
-    only the last hidden state is asked for."""
+    only the last hidden state is asked for, outside torch.compile (replaying_call)."""
 
     def __init__(self, module: nn.Module, output_type: type):
         super().__init__(module)
         self.output_type = output_type
 
-    def __call__(self, hidden_states: torch.Tensor, input_dimensions, *args, **kwargs):
+    def replayed(self, hidden_states: torch.Tensor, input_dimensions, *args, **kwargs):
         encoder = self.module
         options = dict(kwargs)
         return_dict = options.pop("return_dict", True)
-        if not args and _only_defaults((), options) and self.replayable(hidden_states):
-            size = tuple(int(s) for s in input_dimensions)
-            last = lambda inp: type(encoder).forward(encoder, inp, size, return_dict=False)[0]  # noqa: E731
-            out = self.replay(size, last, hidden_states)
-            if out is not None:
-                return self.output_type(last_hidden_state=out) if return_dict else (out,)
-        return type(encoder).forward(encoder, hidden_states, input_dimensions, *args, **kwargs)
+        if args or not _only_defaults((), options) or not self.replayable(hidden_states):
+            return None
+        size = tuple(int(s) for s in input_dimensions)
+        last = lambda inp: type(encoder).forward(encoder, inp, size, return_dict=False)[0]  # noqa: E731
+        out = self.replay(size, last, hidden_states)
+        if out is None:
+            return None
+        return self.output_type(last_hidden_state=out) if return_dict else (out,)
+
+    def forward(self, hidden_states: torch.Tensor, input_dimensions, *args, **kwargs):
+        return type(self.module).forward(self.module, hidden_states, input_dimensions, *args, **kwargs)
+
+    __call__ = replaying_call(forward, replayed)
 
 
 # ----------------------------------------------------------------------------------------------

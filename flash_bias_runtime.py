@@ -210,8 +210,6 @@ class FlashBiasSettings:
         half-precision copies of the Linear weights (ForwardGraphs.run_eagerly).
     """
 
-    device_types = ("cuda",)  # where forwards are replayed (tests set ("cpu",) with a fake capture)
-
     def __init__(self, rank_rule=None, factors_path=None, cuda_graphs=None):
         if rank_rule is not None:
             factor_files.parse_rank_rule(rank_rule)
@@ -228,25 +226,24 @@ class FlashBiasSettings:
         plainly), every layer runs fused with the exact bias (a low-rank layer's weight check needs the host), and
         nothing trains, needs a gradient or traces.
 
-        Under torch.compile, inference under torch.no_grad() replays the same way outside the compiled graph (one
-        graph break) unless the graphs are off: Inductor has nothing left to fuse in a forward of our kernels, and
-        tracing it made the compiled model 2.6-4.5% slower than eager at SwinV2-B/384 batch 64 (each weight cast in
-        its own launch: 480 kernels to 302; benchmarks/compile_gap_nvidia-h100-80gb-hbm3.md). Training, gradients,
-        graphs off and export are traced."""
+        A drop-in's __call__ asks first (replaying_call), before Module.__call__ and outside torch.compile; its
+        forward asks again where that lane is closed (hooks on the model, forward called by name). Under
+        torch.compile that is a graph break: no-grad inference replays outside the compiled graph unless the graphs
+        are off. Training, gradients, graphs off and export are traced."""
         if self.graphs.in_forward:   # a capture, or an eager run on the weight copies: its forward runs plainly
             return None
         if torch.compiler.is_compiling():
-            if (x.device.type not in self.device_types or model.training or torch.is_grad_enabled()
+            if (x.device.type not in ForwardGraphs.device_types or model.training or torch.is_grad_enabled()
                     or self.cuda_graphs is False or tracing_or_exporting()):
                 return None
-            return _replay_beside_the_compiler(self, model, x)
+            return _replay_outside_the_compiler(model, x)
         return self.replay_eagerly(model, x)
 
     def replay_eagerly(self, model, x):
         """replay outside torch.compile."""
-        if not (x.device.type in self.device_types and self.resolved):
+        if not (x.device.type in ForwardGraphs.device_types and self.resolved):
             return None
-        if not self.layers[0].use_fused_attn(x) or tracing_or_exporting() or model.training:
+        if not self.layers[0].use_fused_attn(x) or model.training:   # use_fused_attn: False where anything traces
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
             return None
@@ -300,13 +297,55 @@ class FlashBiasSettings:
         return factor_files.read_factor_file(os.fspath(path))
 
 
-@torch.compiler.disable
-def _replay_beside_the_compiler(settings, model, x):
-    """FlashBiasSettings.replay for a compiled model, run eagerly: the settings resolved first, as the uncompiled
-    forward would at its first call, and None (Dynamo traces the forward) where graphs are off."""
+def _replay_with_graphs_on(model, x):
+    """FlashBiasSettings.replay_eagerly for inference where Dynamo does not trace: the settings resolved first, as
+    the forward would at its first call, and None (the call goes on as usual) where the graphs are off."""
+    settings = model.flash_bias_settings
     if not settings.resolved:   # walking the module tree costs ~1.7 ms at SwinV2-B: only before the first resolve
         settings.resolve_at_first_fused_forward(model, window_attention_layers(model)[0][1], x)
     return settings.replay_eagerly(model, x) if settings.cuda_graphs else None
+
+
+_replay_outside_the_compiler = torch.compiler.disable(_replay_with_graphs_on)
+
+
+def replayed_call(model, *args, **kwargs):
+    """A drop-in's model(*args, **kwargs) from its CUDA graphs, or None: the call goes on through Module.__call__.
+    Only model(x) in eval, with the graphs not off and no hook on the model (hooks run in Module.__call__, which
+    a replay skips; there the forward replays)."""
+    settings = model.flash_bias_settings
+    if (len(args) != 1 or kwargs or model.training or settings.cuda_graphs is False or settings.graphs.in_forward
+            or model._forward_hooks or model._forward_pre_hooks or model._backward_hooks
+            or model._backward_pre_hooks or nn.modules.module._has_any_global_hook()):
+        return None
+    return _replay_with_graphs_on(model, args[0])
+
+
+try:  # Dynamo runs a frame whose code it is told to skip as plain Python, and still evaluates the frames it calls
+    from torch._dynamo.eval_frame import skip_code as _skip_frame
+except ImportError:
+    _skip_frame = None
+
+
+def replaying_call(call, replay):
+    """FlashBias: a __call__ (or forward) that first asks replay(*args, **kwargs) for the output from CUDA graphs,
+    and makes the call as usual when it answers None.
+
+    replay runs outside torch.compile (torch.compiler.disable), and Dynamo skips this lane's own frame: a compiled
+    model's inference reaches the graphs with no guard evaluated and no graph break, and only torch.compile's
+    wrapper adds host time. Before, the replay sat at the top of the compiled forward (guards, one graph break and
+    a resumed frame): SwinV2-B/384 on a CPU with a no-op replay, 66 us of host time eagerly, 82 us compiled; with
+    this lane 73 us (torch 2.11). Training and the other calls replay declines are compiled as before. Inside a
+    function Dynamo traces (a model that holds this one), the lane is inlined and the replay is a graph break."""
+    replay = torch.compiler.disable(replay)
+
+    def call_replaying_first(*args, **kwargs):
+        replayed = replay(*args, **kwargs)
+        return call(*args, **kwargs) if replayed is None else replayed
+
+    if _skip_frame is not None:
+        _skip_frame(call_replaying_first.__code__)
+    return call_replaying_first
 
 
 def configure(model, rank_rule=None, factors_path=None, fused=None, cuda_graphs=None):
@@ -335,6 +374,7 @@ class ForwardGraphs:
     one set of copies (replays run one at a time, as their shared memory pool requires).
     """
     MAX_GRAPHS = 4
+    device_types = ("cuda",)  # where forwards are replayed (tests set ("cpu",) with a fake capture)
 
     def __init__(self, capture=None):
         self.capture = capture or _capture_cuda_graph  # tests give a fake
@@ -384,7 +424,7 @@ class ForwardGraphs:
         try:
             with _swapped_in(weights):
                 weights.refresh()
-                return model(x)
+                return model.forward(x)   # not model(x): the model's hooks run once, around the call that replays
         finally:
             self.in_forward = False
 
@@ -465,7 +505,7 @@ def _refreshed(weights, model):
     def forward(x):
         if weights is not None:
             weights.refresh()
-        return model(x)
+        return model.forward(x)   # not model(x): the model's hooks run once, around the call that replays
     return forward
 
 

@@ -30,11 +30,11 @@ except:
 try:  # FlashBias: inside the official `models` package, or as top-level modules
     from .flash_bias_triton import (add_layer_norm, bias_from_table, flash_bias_attention, mlp_forward,
                                     tracing_or_exporting)
-    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure
+    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replayed_call, replaying_call
 except ImportError:
     from flash_bias_triton import (add_layer_norm, bias_from_table, flash_bias_attention, mlp_forward,
                                    tracing_or_exporting)
-    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure
+    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replayed_call, replaying_call
 
 
 class Mlp(nn.Module):
@@ -696,6 +696,9 @@ class SwinTransformer(nn.Module):
                 $FLASHBIAS_CUDA_GRAPHS ("0" off), else on.
         """
         configure(self, rank_rule, factors_path, fused, cuda_graphs)
+
+    # FlashBias: model(x) in eval replays its CUDA graph before Module.__call__, and outside torch.compile
+    __call__ = replaying_call(nn.Module.__call__, replayed_call)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):

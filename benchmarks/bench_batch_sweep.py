@@ -14,9 +14,10 @@ under torch.no_grad(), trained-like weights (scripts/swin_config.trained_like_),
 * graphs: the same forward replayed from the drop-in's CUDA graphs (the default), and whether its logits
   equal eager's bit for bit;
 * with ``--compile MODELS``: ``torch.compile(model)`` and ``torch.compile(model, mode="reduce-overhead")``
-  of the drop-in with its default settings (its inference replays the drop-in's CUDA graphs beside the
-  compiler), compile time and logits error against eager. With the graphs off Dynamo traces the fused
-  forward instead: benchmarks/bench_compile_gap.py measures that.
+  of the drop-in with its default settings (its inference replays the drop-in's CUDA graphs outside the
+  compiler), compile time and logits error against eager, host ms, and the ratio of its wall time to the
+  graphs' measured alternately (``*_vs_graph``, the median of 7 rounds back to back). With the graphs off
+  Dynamo traces the fused forward instead: benchmarks/bench_compile_gap.py measures that.
 
 Wall ms: the median of ``--iters`` forwards, each synchronised before and after (host time included).
 Without CUDA it runs the tiny test config on the CPU to show the script works; the numbers mean nothing.
@@ -55,6 +56,12 @@ def host_ms(fn, device, iters):
         times.append((time.perf_counter() - t0) * 1e3)
         sync(device)
     return statistics.median(times)
+
+
+def alternating_ratio(fn, baseline, device, iters, rounds=7):
+    """The median over rounds of wall ms of fn / wall ms of baseline, measured back to back in each round: the host
+    drifts by up to 2x within minutes on the benchmark machine, so separate medians cannot rank a few percent."""
+    return statistics.median(wall_ms(fn, device, iters) / wall_ms(baseline, device, iters) for _ in range(rounds))
 
 
 def gpu_ms(fn, device, calls=3):
@@ -104,6 +111,7 @@ def measure_batch(key, model, x, compile_it, iters, device):
         run(model, x, device)
     replayed = run(model, x, device).float()
     row["graph_ms"] = wall_ms(lambda: run(model, x, device), device, iters)
+    row["graph_host_ms"] = host_ms(lambda: run(model, x, device), device, iters)
     row["graph_equals_eager"] = bool(torch.equal(replayed, eager))
     if compile_it:
         model.set_flash_bias(fused=True)
@@ -117,6 +125,10 @@ def measure_batch(key, model, x, compile_it, iters, device):
                 run(compiled, x, device)
             row[f"compile_{mode}_ms"] = wall_ms(lambda: run(compiled, x, device), device, iters)
             row[f"compile_{mode}_rel_err"] = ((out - eager).norm() / eager.norm()).item()
+            if mode == "default":
+                row["compile_default_host_ms"] = host_ms(lambda: run(compiled, x, device), device, iters)
+            row[f"compile_{mode}_vs_graph"] = alternating_ratio(lambda: run(compiled, x, device),
+                                                                 lambda: run(model, x, device), device, iters)
         torch._dynamo.reset()
     return row
 
@@ -126,8 +138,10 @@ def fmt(v, spec=".2f"):
 
 
 COLUMNS = [("model", "s"), ("batch", "d"), ("official_ms", ".2f"), ("eager_ms", ".2f"), ("host_ms", ".2f"),
-           ("gpu_ms", ".2f"), ("kernels", "d"), ("graph_ms", ".2f"), ("graph_equals_eager", ""),
-           ("compile_default_ms", ".2f"), ("compile_reduce-overhead_ms", ".2f"), ("compile_default_s", ".0f"),
+           ("gpu_ms", ".2f"), ("kernels", "d"), ("graph_ms", ".2f"), ("graph_host_ms", ".3f"),
+           ("graph_equals_eager", ""), ("compile_default_ms", ".2f"), ("compile_reduce-overhead_ms", ".2f"),
+           ("compile_default_host_ms", ".3f"), ("compile_default_vs_graph", ".3f"),
+           ("compile_reduce-overhead_vs_graph", ".3f"), ("compile_default_s", ".0f"),
            ("compile_reduce-overhead_s", ".0f"), ("compile_default_rel_err", ".1e")]
 
 
@@ -141,7 +155,8 @@ def write_report(path, meta, rows):
     notes = (f"torch {meta['torch']}; `{meta['command']}`; fp16 autocast, eval, no_grad, trained-like weights. "
              "ms = median wall time per forward (synchronised); host ms = time to issue one forward from an idle "
              "GPU; GPU ms = the sum of the forward's kernel times (torch.profiler); graph = the drop-in's CUDA graph "
-             "replay; speed-ups in the last columns are against the official file in this run.")
+             "replay; vs graph = compiled wall time / graph wall time, alternating rounds; speed-ups in the last "
+             "columns are against the official file in this run.")
     cells = []
     for r in rows:
         cells.append([fmt(r.get(k), spec) if spec and r.get(k) is not None else str(r.get(k, "—"))

@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 timm = pytest.importorskip("timm")
 
 import bench_adapters as ba  # noqa: E402
-import flash_bias_adapters as fa
+import flash_bias_adapters as fa  # noqa: E402
+import flash_bias_runtime as runtime  # noqa: E402
 from model_utils import FakeCapture  # noqa: E402
 import flash_bias_triton as fbt  # noqa: E402
 from swin_config import rel_l2  # noqa: E402  (bench_adapters put scripts/ on sys.path)
@@ -438,9 +439,8 @@ def test_project_qkv_copies_no_weight(device):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    import flash_bias_runtime as runtime
     fake = FakeCapture()
-    monkeypatch.setattr(fa._GraphedForward, "device_types", ("cpu",))
+    monkeypatch.setattr(runtime.ForwardGraphs, "device_types", ("cpu",))
     monkeypatch.setattr(fa, "_forward_graphs", lambda: runtime.ForwardGraphs(capture=fake))
     return fake
 
@@ -458,6 +458,37 @@ def test_timm_cuda_graphs_replay(fake_graphs, monkeypatch):
     calls = KernelCalls(monkeypatch)
     model(x)  # gradients: the library's forward, no graph
     assert calls.calls == 0 and fake_graphs.captures == 1
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_compiled_adapters_replay_outside_the_compiler(fake_graphs, library):
+    """torch.compile of a patched model: no-grad inference replays the graphs outside the compiled code (timm: no
+    frame compiled at all; transformers: one graph break at the encoder), training is compiled as before."""
+    from model_utils import TracedOps
+    if library == "timm":
+        model, x = fa.patch_timm(timm_model("w8"), cuda_graphs=True), images(64)
+        logits = lambda m: m(x)  # noqa: E731
+    else:
+        model, x = fa.patch_transformers(hf_model("w8"), cuda_graphs=True), hf_input("w8")
+        logits = lambda m: m(x).logits  # noqa: E731
+    traced = TracedOps()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend=traced)
+    with torch.no_grad():
+        expected = logits(model)
+        outs = [logits(compiled) for _ in range(3)]
+    assert fake_graphs.captures == 1 and all(torch.equal(out, expected) for out in outs)
+    linears = lambda: sum("linear" in t for graph in traced.graphs for t in graph)  # noqa: E731
+    if library == "timm":  # not a frame evaluated
+        assert not traced.graphs and not torch._dynamo.utils.counters["frames"], dict(torch._dynamo.utils.counters)
+    else:  # the embeddings and the classifier around the encoder: one Linear
+        assert linears() == 1, traced.graphs
+    traced.graphs.clear()
+    model.train()
+    logits(compiled)
+    assert linears() > 8 and fake_graphs.captures == 1
+    torch._dynamo.reset()
 
 
 def test_transformers_cuda_graphs_replay_the_encoder(fake_graphs):

@@ -162,7 +162,7 @@ def test_compiled_inference_replays_beside_the_compiler(monkeypatch):
     forward is traced, the settings resolve at the first compiled call, and a key is captured at its second sight
     as in eager; training and graphs off are traced. (CPU: replays allowed on the CPU, a fake capture, CUDA's
     autocast state faked, CPU autocast on.)"""
-    monkeypatch.setattr(runtime.FlashBiasSettings, "device_types", ("cpu",))
+    monkeypatch.setattr(runtime.ForwardGraphs, "device_types", ("cpu",))
     monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
     model = make_model(MINI)
     fake = FakeCapture()
@@ -171,11 +171,13 @@ def test_compiled_inference_replays_beside_the_compiler(monkeypatch):
     traced = TracedOps()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=traced)
+    torch._dynamo.utils.counters.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         outs = [compiled(x) for _ in range(3)]
         assert model.flash_bias_settings.resolved and fake.captures == 1
         expected = model(x)
-    assert not traced.targets(), traced.graphs
+    # the model's __call__ replays before Dynamo sees a frame: no guards, no graph break, nothing traced
+    assert not traced.graphs and not torch._dynamo.utils.counters["frames"], dict(torch._dynamo.utils.counters)
     assert all(torch.equal(out, expected) for out in outs)
     model.set_flash_bias(cuda_graphs=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -187,3 +189,21 @@ def test_compiled_inference_replays_beside_the_compiler(monkeypatch):
         compiled(x)
     assert traced.targets() and fake.captures == 1
     torch._dynamo.reset()
+
+
+def test_hooks_run_around_a_replay(monkeypatch):
+    """With a forward hook on the model, model(x) goes through Module.__call__ (which runs the hooks) and the
+    forward replays; without one, __call__ replays before it."""
+    monkeypatch.setattr(runtime.ForwardGraphs, "device_types", ("cpu",))
+    monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
+    model = make_model(MINI)
+    fake = FakeCapture()
+    model.flash_bias_settings.graphs = runtime.ForwardGraphs(capture=fake)
+    x = images(2, 32)
+    seen = []
+    handle = model.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [model(x) for _ in range(3)]
+        assert fake.captures == 1 and len(seen) == 3 and all(a is b for a, b in zip(seen, outs))
+        handle.remove()
+        assert torch.equal(model(x), outs[0]) and len(seen) == 3 and fake.captures == 1
