@@ -313,7 +313,7 @@ _replay_outside_the_compiler = torch.compiler.disable(_replay_with_graphs_on)
 _any_global_hook = getattr(nn.modules.module, "_has_any_global_hook", lambda: True)
 
 
-def replayed_call(model, *args, **kwargs):
+def replay_model_call(model, *args, **kwargs):
     """A drop-in's model(*args, **kwargs) from its CUDA graphs, or None: the call goes on through Module.__call__.
     Only model(x) in eval, with the graphs not off and no hook on the model (hooks run in Module.__call__, which
     a replay skips; there the forward replays)."""

@@ -30,11 +30,11 @@ except:
 try:  # FlashBias: inside the official `models` package, or as top-level modules
     from .flash_bias_triton import (add_layer_norm, bias_from_table, flash_bias_attention, mlp_forward,
                                     tracing_or_exporting)
-    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replayed_call, replaying_call
+    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replay_model_call, replaying_call
 except ImportError:
     from flash_bias_triton import (add_layer_norm, bias_from_table, flash_bias_attention, mlp_forward,
                                    tracing_or_exporting)
-    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replayed_call, replaying_call
+    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replay_model_call, replaying_call
 
 
 class Mlp(nn.Module):
@@ -698,7 +698,7 @@ class SwinTransformer(nn.Module):
         configure(self, rank_rule, factors_path, fused, cuda_graphs)
 
     # FlashBias: model(x) in eval replays its CUDA graph before Module.__call__, and outside torch.compile
-    __call__ = replaying_call(nn.Module.__call__, replayed_call)
+    __call__ = replaying_call(nn.Module.__call__, replay_model_call)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):

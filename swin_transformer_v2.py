@@ -24,11 +24,11 @@ import numpy as np
 try:  # FlashBias: inside the official `models` package, or as top-level modules
     from .flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
                                     merge_patches, patch_embed_forward, residual_layer_norm, tracing_or_exporting)
-    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replayed_call, replaying_call
+    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replay_model_call, replaying_call
 except ImportError:
     from flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
                                    merge_patches, patch_embed_forward, residual_layer_norm, tracing_or_exporting)
-    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replayed_call, replaying_call
+    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replay_model_call, replaying_call
 
 
 class Mlp(nn.Module):
@@ -787,7 +787,7 @@ class SwinTransformerV2(nn.Module):
         configure(self, rank_rule, factors_path, fused, cuda_graphs)
 
     # FlashBias: model(x) in eval replays its CUDA graph before Module.__call__, and outside torch.compile
-    __call__ = replaying_call(nn.Module.__call__, replayed_call)
+    __call__ = replaying_call(nn.Module.__call__, replay_model_call)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):

@@ -157,16 +157,19 @@ def test_eager_run_on_the_weight_copies(monkeypatch):
         assert id(model.head.weight) in {id(p) for _, _, p in graphs.weight_copies[torch.bfloat16].slots}
 
 
-def test_compiled_inference_replays_beside_the_compiler(monkeypatch):
+@pytest.fixture
+def replays_on_cpu(monkeypatch):
+    """Replays allowed on the CPU, with CUDA's autocast state faked (bfloat16 on)."""
+    monkeypatch.setattr(runtime.ForwardGraphs, "device_types", ("cpu",))
+    monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
+
+
+def test_compiled_inference_replays_beside_the_compiler(replays_on_cpu):
     """Under torch.compile, no-grad inference runs the graphs' replay outside the compiled graph: nothing of the
     forward is traced, the settings resolve at the first compiled call, and a key is captured at its second sight
     as in eager; training and graphs off are traced. (CPU: replays allowed on the CPU, a fake capture, CUDA's
     autocast state faked, CPU autocast on.)"""
-    monkeypatch.setattr(runtime.ForwardGraphs, "device_types", ("cpu",))
-    monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
-    model = make_model(MINI)
-    fake = FakeCapture()
-    model.flash_bias_settings.graphs = runtime.ForwardGraphs(capture=fake)
+    model, _, fake = make()
     x = images(2, 32)
     traced = TracedOps()
     torch._dynamo.reset()
@@ -191,14 +194,10 @@ def test_compiled_inference_replays_beside_the_compiler(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_hooks_run_around_a_replay(monkeypatch):
+def test_hooks_run_around_a_replay(replays_on_cpu):
     """With a forward hook on the model, model(x) goes through Module.__call__ (which runs the hooks) and the
     forward replays; without one, __call__ replays before it."""
-    monkeypatch.setattr(runtime.ForwardGraphs, "device_types", ("cpu",))
-    monkeypatch.setattr(runtime, "_autocast_state", lambda: (True, torch.bfloat16, False))
-    model = make_model(MINI)
-    fake = FakeCapture()
-    model.flash_bias_settings.graphs = runtime.ForwardGraphs(capture=fake)
+    model, _, fake = make()
     x = images(2, 32)
     seen = []
     handle = model.register_forward_hook(lambda module, args, out: seen.append(out))
