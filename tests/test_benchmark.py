@@ -1,5 +1,6 @@
 """The benchmarks on the CPU: benchmarks/bench_model.py end to end on the tests' small config (markdown, JSON,
-plot, profile), its user errors, and benchmarks/bench_attention.py (every variant runs)."""
+plot, profile), its user errors, benchmarks/bench_attention.py (every variant runs), bench_batch_sweep.py end to end,
+and the other scripts' user errors."""
 import importlib.util
 import json
 import os
@@ -236,3 +237,23 @@ def test_bench_fc1_gemm_user_errors_exit_2():
     assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
     _, stderr = run_benchmark("--seconds", "0", expect=2, script=script)
     assert stderr.startswith("error: --seconds must be > 0; got 0.0") and "Traceback" not in stderr
+
+
+SWEEP_SCRIPT = os.path.join(ROOT, "benchmarks", "bench_batch_sweep.py")
+
+
+def test_bench_batch_sweep_cpu(tmp_path):
+    """The sweep runs end to end on the CPU's test config with compile: every column, the graphs' bits equal eager's,
+    the compiled logits near eager's, and the ratios (the graphs against themselves among them) are positive.
+    A malformed --batches exits 2."""
+    out = tmp_path / "sweep.md"
+    run_benchmark("--compile", "test_mini", "--out", out, script=SWEEP_SCRIPT)
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("test_mini", 1), ("test_mini", 2)]
+    for row in rows:
+        assert row["graph_equals_eager"] is True and row["compile_default_rel_err"] < 1e-4
+        for key in ("graph_vs_graph", "compile_default_vs_graph", "compile_reduce-overhead_vs_graph"):
+            assert row[key] > 0, key
+    assert "| graph_vs_graph | compile_default_vs_graph |" in out.read_text()
+    _, stderr = run_benchmark("--batches", "1,x", expect=2, script=SWEEP_SCRIPT)
+    assert stderr.startswith("error: --batches takes whole numbers") and "Traceback" not in stderr
