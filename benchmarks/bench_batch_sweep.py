@@ -158,9 +158,9 @@ def write_report(path, meta, rows):
     notes = (f"torch {meta['torch']}; `{meta['command']}`; fp16 autocast, eval, no_grad, trained-like weights. "
              "ms = median wall time per forward (synchronised); host ms = time to issue one forward from an idle "
              "GPU; GPU ms = the sum of the forward's kernel times (torch.profiler); graph = the drop-in's CUDA graph "
-             "replay; vs graph = compiled wall time / graph wall time, alternating rounds (graph vs graph: the graphs against "
-             "themselves the same way, the ratio's noise); speed-ups in the last "
-             "columns are against the official file in this run.")
+             "replay; vs graph = compiled wall time / graph wall time, alternating rounds (graph vs graph: the "
+             "graphs against themselves the same way, the ratio's noise); speed-ups in the last columns are against "
+             "the official file in this run.")
     cells = []
     for r in rows:
         cells.append([fmt(r.get(k), spec) if spec and r.get(k) is not None else str(r.get(k, "—"))
