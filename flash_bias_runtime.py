@@ -33,7 +33,7 @@ except ImportError:
     import flash_bias_factors as factor_files
 
 __all__ = ["LayerBias", "FlashBiasSettings", "ForwardGraphs", "WeightStamp", "bias_checksum", "configure",
-           "window_attention_layers", "flash_bias_summary", "load_bias_factors", "save_bias_factors"]
+           "window_attention_layers", "has_hooks", "flash_bias_summary", "load_bias_factors", "save_bias_factors"]
 
 _logger = logging.getLogger("flash_bias")
 
@@ -313,14 +313,19 @@ _replay_outside_the_compiler = torch.compiler.disable(_replay_with_graphs_on)
 _any_global_hook = getattr(nn.modules.module, "_has_any_global_hook", lambda: True)
 
 
+def has_hooks(module):
+    """Whether calling module runs hooks (its own or global ones): then it must be called, not its forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _any_global_hook())
+
+
 def replay_model_call(model, *args, **kwargs):
     """A drop-in's model(*args, **kwargs) from its CUDA graphs, or None: the call goes on through Module.__call__.
     Only model(x) in eval, with the graphs not off and no hook on the model (hooks run in Module.__call__, which
     a replay skips; there the forward replays)."""
     settings = model.flash_bias_settings
     if (len(args) != 1 or kwargs or model.training or settings.cuda_graphs is False or settings.graphs.in_forward
-            or model._forward_hooks or model._forward_pre_hooks or model._backward_hooks
-            or model._backward_pre_hooks or _any_global_hook()):
+            or has_hooks(model)):
         return None
     return _replay_with_graphs_on(model, args[0])
 

@@ -292,7 +292,8 @@ if triton is not None:
 
     @triton.jit
     def _flash_bias_fwd(qkv_ptr, out_ptr, lse_ptr, logit_scale_ptr, bias_ptr, q_fac_ptr, k_fac_ptr, region_ptr,
-                        stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l, stride_scale_h,
+                        query_bias_ptr, value_bias_ptr, stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l,
+                        stride_scale_h,
                         stride_bias_h, stride_bias_m, stride_fac_h, stride_fac_n, stride_region_w,
                         num_heads, num_region_windows, qk_scale,
                         N: tl.constexpr, N_PAD: tl.constexpr, C: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -300,8 +301,9 @@ if triton is not None:
                         IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
                         SHIFT: tl.constexpr, BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
                         COSINE: tl.constexpr, STORE_LSE: tl.constexpr, NORMALIZE_KEYS: tl.constexpr,
-                        WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr, MAX_LOGIT_SCALE: tl.constexpr,
-                        NORM_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HAS_QV_BIAS: tl.constexpr, WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr,
+                        MAX_LOGIT_SCALE: tl.constexpr, NORM_EPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one window and one head.
 
         A flat grid with the query block fastest, then the head, then the window: programs that run
@@ -315,7 +317,11 @@ if triton is not None:
         NORMALIZE_KEYS rounds the normalised keys as the backward does: set with STORE_LSE, so that the backward's
         recomputed P sums to 1 against the LSE (with raw keys scaled in the forward, a bfloat16 backward test's d qkv
         error rose from under its 0.08 limit to 0.086), and for a forward whose bits must equal a differentiated
-        one (flash_bias_attention's normalize_keys)."""
+        one (flash_bias_attention's normalize_keys).
+
+        HAS_QV_BIAS: the qkv projection's q and v biases (C,) each, left out of its matmul (SwinV2 has no k bias),
+        are added here: q's to each query row, rounded to qkv's dtype as the matmul's epilogue rounds it; v's to the
+        output, since each row of P sums to 1 (P (v + b) = P v + b)."""
         SCALE_COLUMNS: tl.constexpr = COSINE and not NORMALIZE_KEYS
         # the one-hot mask's columns: tl.dot's smallest K; Swin's shifted windows hold ids 0..8
         REGION_COLS: tl.constexpr = 16
@@ -336,6 +342,9 @@ if triton is not None:
         qkv_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
         q = tl.load(qkv_base + tok_m[:, None] * stride_qkv_l + offs_d[None, :],
                     mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        if HAS_QV_BIAS:
+            q_add = tl.load(query_bias_ptr + h * HEAD_DIM + offs_d, mask=d_valid, other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) + q_add[None, :]).to(q.dtype)
         # cosine attention: q normalised with the clamped per-head logit scale folded in
         scale = _head_scale(logit_scale_ptr, h, stride_scale_h, MAX_LOGIT_SCALE) if COSINE else _f32(qk_scale)
         q = _query_operand(q, scale, COSINE, NORM_EPS, WIDEN_DOTS)
@@ -372,6 +381,8 @@ if triton is not None:
                                BIAS_MODE, HAS_MASK, COSINE, WIDEN_DOTS, MASK_VALUE, NORM_EPS,
                                REGION_COLS, SCALE_COLUMNS, BLOCK_M, BLOCK_N)
         acc = acc / l_i[:, None]
+        if HAS_QV_BIAS:
+            acc += tl.load(value_bias_ptr + h * HEAD_DIM + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, :]
         out_ptrs = (out_ptr + b.to(tl.int64) * stride_out_b + tok_m[:, None] * stride_out_l
                     + h * HEAD_DIM + offs_d[None, :])
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
@@ -818,6 +829,19 @@ def _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N
         raise ValueError("a shifted window (shift_size > 0) needs region_ids for its mask")
 
 
+def _check_qv_bias(qv_bias, C: int, device: torch.device) -> None:
+    """qv_bias of flash_bias_attention: None or (q_bias, v_bias), floating (C,) tensors on qkv's device."""
+    if qv_bias is None:
+        return
+    if not (isinstance(qv_bias, (tuple, list)) and len(qv_bias) == 2
+            and all(isinstance(t, torch.Tensor) for t in qv_bias)):
+        raise ValueError(f"qv_bias must be a pair (q_bias, v_bias) of tensors; got {type(qv_bias).__name__}")
+    for name, t in zip(("q_bias", "v_bias"), qv_bias):
+        if tuple(t.shape) != (C,) or not t.is_floating_point() or t.device != device:
+            raise ValueError(f"qv_bias: {name} must be a floating ({C},) tensor on {device}, one value per channel "
+                             f"of C = {C}; got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 def _qk_scale(logit_scale: Optional[torch.Tensor], scale: Optional[float], head_dim: int) -> Optional[float]:
     """The scaled dot product's scale: None for cosine attention (logit_scale given), else ``scale`` or
     head_dim ** -0.5."""
@@ -912,9 +936,11 @@ def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Option
             q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor], region_ids: Optional[torch.Tensor],
             num_heads: int, image_size: List[int], window_size: List[int], shift_size: int,
             qk_scale: Optional[float], normalize_keys: bool = False, lse: Optional[torch.Tensor] = None,
+            query_bias: Optional[torch.Tensor] = None, value_bias: Optional[torch.Tensor] = None,
             wrap=None) -> torch.Tensor:
     """The forward's launch; normalize_keys: see flash_bias_attention (a launch that stores the LSE always does);
-    lse: float32 (B, H*W, num_heads) to receive each row's log-sum-exp, or None; wrap: see _launcher."""
+    lse: float32 (B, H*W, num_heads) to receive each row's log-sum-exp, or None; query_bias, value_bias: qv_bias of
+    flash_bias_attention, contiguous, or None; wrap: see _launcher."""
     B, L, three_c = qkv.shape
     C = three_c // 3
     head_dim = C // num_heads
@@ -947,6 +973,7 @@ def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Option
             q_bias if q_bias is not None else dummy,
             k_bias if k_bias is not None else dummy,
             region_ids if region_ids is not None else dummy,
+            query_bias if query_bias is not None else dummy, value_bias if value_bias is not None else dummy,
             qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
             logit_scale.stride(0) if logit_scale is not None else 0,
             bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
@@ -959,7 +986,7 @@ def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Option
                 IMG_H=img_h, IMG_W=img_w, WIN_H=win_h, WIN_W=win_w, SHIFT=shift_size,
                 BIAS_MODE=bias_mode, HAS_MASK=region_ids is not None, COSINE=logit_scale is not None,
                 STORE_LSE=lse is not None, NORMALIZE_KEYS=normalize_keys or lse is not None,
-                WIDEN_DOTS=interpreting and qkv.dtype == torch.bfloat16,
+                HAS_QV_BIAS=query_bias is not None, WIDEN_DOTS=interpreting and qkv.dtype == torch.bfloat16,
                 MASK_VALUE=MASK_VALUE, MAX_LOGIT_SCALE=MAX_LOGIT_SCALE, NORM_EPS=NORM_EPS)
     programs = B * windows * num_heads
 
@@ -1230,9 +1257,10 @@ def _window_attention_op(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor],
                          q_bias: Optional[torch.Tensor], k_bias: Optional[torch.Tensor],
                          region_ids: Optional[torch.Tensor], num_heads: int, image_size: List[int],
                          window_size: List[int], shift_size: int, qk_scale: Optional[float],
-                         normalize_keys: bool) -> torch.Tensor:
+                         normalize_keys: bool, query_bias: Optional[torch.Tensor],
+                         value_bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _launch(qkv, logit_scale, bias, q_bias, k_bias, region_ids, num_heads, image_size, window_size,
-                   shift_size, qk_scale, normalize_keys, wrap=torch.library.wrap_triton)
+                   shift_size, qk_scale, normalize_keys, None, query_bias, value_bias, wrap=torch.library.wrap_triton)
 
 
 def _through_op(op, launch):
@@ -1337,7 +1365,8 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optiona
                          shift_size: int = 0,
                          backend: Optional[str] = None,
                          scale: Optional[float] = None,
-                         normalize_keys: bool = False) -> torch.Tensor:
+                         normalize_keys: bool = False,
+                         qv_bias: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Swin window attention with a relative-position bias, fused: SwinV2's cosine attention when
     ``logit_scale`` is given, Swin V1's scaled dot product when it is None.
 
@@ -1366,6 +1395,9 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optiona
             as given and each score column is scaled by its key's inverse norm (faster, and nearer float64). A
             forward without grad whose bits must equal a differentiated one sets it: the first forward of the
             reentrant torch.utils.checkpoint, which the drop-in's training mode passes.
+        qv_bias: (q_bias, v_bias), each (C,): SwinV2's qkv bias (k has none), for a qkv computed without it. The
+            kernel adds them itself at inference, which spares the qkv matmul its bias epilogue (at SwinV2-B/384
+            stage 1 on an H100, 0.255 against 0.224 ms a call); elsewhere they are added to qkv first.
 
     Gradients: with the exact bias or none, a call that needs a gradient runs the kernel with its
     backward (see the module docstring): d qkv, d logit_scale, d bias (env FLASHBIAS_BIAS_GRAD picks
@@ -1379,6 +1411,7 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optiona
     """
     N, C, head_dim, img, win, shift, windows = _layout(qkv, num_heads, image_size, window_size, shift_size)
     _check_inputs(qkv, num_heads, logit_scale, bias, bias_factors, region_ids, N, windows, shift)
+    _check_qv_bias(qv_bias, C, qkv.device)
     qk_scale = _qk_scale(logit_scale, scale, head_dim)
     unsupported = None
     if qkv.dtype == torch.float64:
@@ -1387,22 +1420,27 @@ def flash_bias_attention(qkv: torch.Tensor, num_heads: int, logit_scale: Optiona
     elif not 1 <= head_dim <= MAX_HEAD_DIM:
         unsupported = ValueError(f"flash_bias_attention: the Triton kernel takes head_dim 1..{MAX_HEAD_DIM}; "
                                  f"got {head_dim}")
-    tensors = (qkv, logit_scale, bias, region_ids, *(bias_factors or ()))
+    tensors = (qkv, logit_scale, bias, region_ids, *(bias_factors or ()), *(qv_bias or ()))
     no_backward = None
     if bias_factors is not None:
         no_backward = "has no backward pass for low-rank bias_factors"
     elif _compiling():
         no_backward = "has no backward pass under torch.compile"
-    if _pick_backend(backend, qkv.device, tensors, unsupported, "flash_bias_attention", no_backward) == "torch":
+    kernel = _pick_backend(backend, qkv.device, tensors, unsupported, "flash_bias_attention", no_backward) != "torch"
+    if qv_bias is not None and not (kernel and not _needs_grad(tensors)):   # the inference kernel adds them itself
+        qkv, qv_bias = qkv + torch.cat((qv_bias[0], torch.zeros_like(qv_bias[0]), qv_bias[1])).to(qkv.dtype), None
+    if not kernel:
         return attention_reference(qkv, num_heads, logit_scale, bias, bias_factors, region_ids,
                                    image_size, window_size, shift_size, scale)
     if _needs_grad(tensors):
         return _FlashBiasAttentionFunction.apply(qkv, logit_scale, bias, region_ids, num_heads, list(img), list(win),
                                                  shift, qk_scale, _bias_grad_design())[0]
     q_bias, k_bias = bias_factors if bias_factors is not None else (None, None)
+    query_bias, value_bias = (t.contiguous() for t in qv_bias) if qv_bias is not None else (None, None)
     return _through_op(_window_attention_op, _launch)(qkv, logit_scale, bias, q_bias, k_bias, region_ids,
                                                       num_heads, list(img), list(win), shift, qk_scale,
-                                                      bool(normalize_keys))
+                                                      bool(normalize_keys), query_bias=query_bias,
+                                                      value_bias=value_bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1412,9 +1450,12 @@ if triton is not None:
 
     @triton.jit
     def _post_norm(res, x_ptr, w_ptr, b_ptr, eps, offs, mask, offs_c, c_valid, C: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr):
-        """_post_norm_tile of the (rows, BLOCK_C) tile of x at x_ptr + offs."""
+                   HAS_RESIDUAL: tl.constexpr, xb_ptr, HAS_X_BIAS: tl.constexpr):
+        """_post_norm_tile of the (rows, BLOCK_C) tile of x at x_ptr + offs; HAS_X_BIAS: x + xb (C,) first, the bias
+        its matmul left out."""
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_X_BIAS:
+            x += tl.load(xb_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
         return _post_norm_tile(res, x, w_ptr, b_ptr, eps, offs_c, c_valid, C, HAS_RESIDUAL)
 
     @triton.jit
@@ -1447,15 +1488,17 @@ if triton is not None:
 
     @triton.jit
     def _residual_layer_norm_fwd(res_ptr, x_ptr, w_ptr, b_ptr, out_ptr, low_ptr,
-                                 earlier_ptr, earlier_w_ptr, earlier_b_ptr, rows, eps, earlier_eps,
+                                 earlier_ptr, earlier_w_ptr, earlier_b_ptr, x_bias_ptr, earlier_bias_ptr,
+                                 rows, eps, earlier_eps,
                                  C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                                  HAS_RESIDUAL: tl.constexpr, HAS_EARLIER: tl.constexpr, STORE_OUT: tl.constexpr,
-                                 HAS_LOW: tl.constexpr, MERGE_H: tl.constexpr, MERGE_W: tl.constexpr):
+                                 HAS_LOW: tl.constexpr, MERGE_H: tl.constexpr, MERGE_W: tl.constexpr,
+                                 HAS_X_BIAS: tl.constexpr, HAS_EARLIER_BIAS: tl.constexpr):
         """ROWS rows of out = res + LayerNorm(x) * w + b (without HAS_RESIDUAL: LayerNorm(x) * w + b, res_ptr
         unread); HAS_EARLIER: res is first replaced by the earlier step's res + LayerNorm(earlier) * w' + b',
-        recomputed. Stores out (STORE_OUT) and out in the next matmul's dtype (HAS_LOW), which saves autocast a
-        separate cast; with MERGE_W, in the patch merging's layout (_low_offsets). Inputs and out (rows, C)
-        contiguous."""
+        recomputed. HAS_X_BIAS, HAS_EARLIER_BIAS: x, earlier plus a (C,) bias that their matmul left out. Stores
+        out (STORE_OUT) and out in the next matmul's dtype (HAS_LOW), which saves autocast a separate cast; with
+        MERGE_W, in the patch merging's layout (_low_offsets). Inputs and out (rows, C) contiguous."""
         offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < C
@@ -1466,8 +1509,9 @@ if triton is not None:
             res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_EARLIER:
             res = _post_norm(res, earlier_ptr, earlier_w_ptr, earlier_b_ptr, earlier_eps, offs, mask, offs_c,
-                             c_valid, C, HAS_RESIDUAL)
-        out = _post_norm(res, x_ptr, w_ptr, b_ptr, eps, offs, mask, offs_c, c_valid, C, HAS_RESIDUAL or HAS_EARLIER)
+                             c_valid, C, HAS_RESIDUAL, earlier_bias_ptr, HAS_EARLIER_BIAS)
+        out = _post_norm(res, x_ptr, w_ptr, b_ptr, eps, offs, mask, offs_c, c_valid, C, HAS_RESIDUAL or HAS_EARLIER,
+                         x_bias_ptr, HAS_X_BIAS)
         if STORE_OUT:
             tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_LOW:
@@ -1491,10 +1535,12 @@ def _residual_layer_norm_launch(residual: Optional[torch.Tensor], x: torch.Tenso
                                 low_dtype: Optional[torch.dtype], earlier: Optional[torch.Tensor] = None,
                                 earlier_weight: Optional[torch.Tensor] = None,
                                 earlier_bias: Optional[torch.Tensor] = None, earlier_eps: float = 0.0,
-                                store_out: bool = True, merge_h: int = 0, merge_w: int = 0, wrap=None
+                                store_out: bool = True, merge_h: int = 0, merge_w: int = 0,
+                                branch_bias: Optional[torch.Tensor] = None,
+                                earlier_branch_bias: Optional[torch.Tensor] = None, wrap=None
                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The kernel's launch: (out, low), each (0,) where it is not stored; merge_h, merge_w: see merge_patches (0:
-    low in x's layout)."""
+    low in x's layout); branch_bias, earlier_branch_bias: (C,) added to x, earlier before their norms, or None."""
     C = x.shape[-1]
     rows = x.numel() // C
     x = x.contiguous()
@@ -1513,9 +1559,12 @@ def _residual_layer_norm_launch(residual: Optional[torch.Tensor], x: torch.Tenso
         residual if residual is not None else x, x, weight, bias, out if store_out else low,
         low if low_dtype is not None else out, earlier if earlier is not None else x,
         earlier_weight if earlier is not None else weight, earlier_bias if earlier is not None else bias,
+        branch_bias if branch_bias is not None else bias,
+        earlier_branch_bias if earlier_branch_bias is not None else bias,
         rows, eps, earlier_eps, C=C, BLOCK_C=block_c, ROWS=rows_per_program, HAS_RESIDUAL=residual is not None,
         HAS_EARLIER=earlier is not None, STORE_OUT=store_out, HAS_LOW=low_dtype is not None, MERGE_H=merge_h,
-        MERGE_W=merge_w, num_warps=4 if block_c <= 512 else 8)
+        MERGE_W=merge_w, HAS_X_BIAS=branch_bias is not None, HAS_EARLIER_BIAS=earlier_branch_bias is not None,
+        num_warps=4 if block_c <= 512 else 8)
     return out, low
 
 
@@ -1532,14 +1581,16 @@ def _residual_layer_norm_op(residual: Optional[torch.Tensor], x: torch.Tensor, w
                             bias: torch.Tensor, eps: float, out_dtype: torch.dtype, low_dtype: Optional[torch.dtype],
                             earlier: Optional[torch.Tensor], earlier_weight: Optional[torch.Tensor],
                             earlier_bias: Optional[torch.Tensor], earlier_eps: float, store_out: bool,
-                            merge_h: int, merge_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                            merge_h: int, merge_w: int, branch_bias: Optional[torch.Tensor],
+                            earlier_branch_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return _residual_layer_norm_launch(residual, x, weight, bias, eps, out_dtype, low_dtype, earlier, earlier_weight,
-                                       earlier_bias, earlier_eps, store_out, merge_h, merge_w,
-                                       torch.library.wrap_triton)
+                                       earlier_bias, earlier_eps, store_out, merge_h, merge_w, branch_bias,
+                                       earlier_branch_bias, torch.library.wrap_triton)
 
 
 def residual_layer_norm(residual: Optional[torch.Tensor], x: torch.Tensor, norm: torch.nn.LayerNorm,
-                        backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                        backend: Optional[str] = None, branch_bias: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``residual + norm(x)``, SwinV2's res-post-norm step, in one pass (``residual`` None: ``norm(x)``, the
     patch merging's norm); under autocast also the result in the autocast dtype (what the next matmul reads;
     None without autocast).
@@ -1547,17 +1598,20 @@ def residual_layer_norm(residual: Optional[torch.Tensor], x: torch.Tensor, norm:
     Args:
         residual: (..., C) as x, or None; x: (..., C); norm: a LayerNorm over C with weight and bias.
         backend: as in :func:`flash_bias_attention` ("auto": the kernel on CUDA without gradients).
+        branch_bias: (C,) or None: the bias of the Linear that made x, left out of its matmul; the pass adds it to
+            x first (``residual + norm(x + branch_bias)``).
     Returns:
         (out, out_low): out in the dtype PyTorch's own expression gives (float32 under CUDA's autocast,
         which runs layer_norm in float32; else x's dtype, promoted with the residual's); out_low = out in
         the autocast dtype, or None.
     """
-    return _residual_layer_norm(residual, x, norm, backend)
+    return _residual_layer_norm(residual, x, norm, backend, branch_bias=branch_bias)
 
 
 def residual_steps(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNorm, mlp,
                    norm2: torch.nn.LayerNorm, backend: Optional[str] = None,
-                   merge_size: Optional[Sequence[int]] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                   merge_size: Optional[Sequence[int]] = None, attn_bias: Optional[torch.Tensor] = None
+                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """A SwinV2 block's two res-post-norm steps at inference, ``x1 = x + norm1(attn_out)`` and
     ``x2 = x1 + norm2(mlp(x1))``, mlp reading x1 in the autocast dtype where there is one.
 
@@ -1571,14 +1625,17 @@ def residual_steps(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.Laye
             (..., C) -> (..., C); backend: as in :func:`residual_layer_norm`.
         merge_size: (H, W) of the images x's rows hold, for the block before a patch merging (see
             :func:`merge_patches`), or None.
+        attn_bias: (C,) the output projection's bias where its matmul left it out (the first step adds it to
+            attn_out, as residual_layer_norm's branch_bias), or None.
     Returns:
         (x2, x2_low), as :func:`residual_layer_norm` returns them. With merge_size, where x2_low is not None it is in
         the merging's layout and x2 is None: the kernel writes neither x2 nor a second copy.
     """
-    x1, x1_low = _residual_layer_norm(x, attn_out, norm1, backend, store_out=False)
+    x1, x1_low = _residual_layer_norm(x, attn_out, norm1, backend, store_out=False, branch_bias=attn_bias)
     if x1 is not None:   # PyTorch, or no autocast (the MLP reads the float sum): stored
         return _residual_layer_norm(x1, mlp(x1 if x1_low is None else x1_low), norm2, backend, merge_size=merge_size)
-    return _residual_layer_norm(x, mlp(x1_low), norm2, backend, earlier=(attn_out, norm1), merge_size=merge_size)
+    return _residual_layer_norm(x, mlp(x1_low), norm2, backend, earlier=(attn_out, norm1, attn_bias),
+                                merge_size=merge_size)
 
 
 def merge_patches(x: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
@@ -1601,10 +1658,11 @@ def _check_merge_size(x: torch.Tensor, merge_size, caller: str) -> Tuple[int, in
     return H, W
 
 
-def _residual_layer_norm(residual, x, norm, backend, earlier=None, store_out=True, merge_size=None):
-    """residual_layer_norm; earlier = (branch, norm'): the step before this one, whose sum residual +
-    norm'(branch) was not stored, taken first. store_out=False: the kernel under autocast stores only out_low
-    and returns (None, out_low); elsewhere it is ignored. merge_size: as in residual_steps."""
+def _residual_layer_norm(residual, x, norm, backend, earlier=None, store_out=True, merge_size=None,
+                         branch_bias=None):
+    """residual_layer_norm; earlier = (branch, norm', branch's bias or None): the step before this one, whose sum
+    residual + norm'(branch + bias) was not stored, taken first. store_out=False: the kernel under autocast stores
+    only out_low and returns (None, out_low); elsewhere it is ignored. merge_size: as in residual_steps."""
     if (residual is not None and x.shape != residual.shape) or tuple(norm.normalized_shape) != (x.shape[-1],):
         raise ValueError(f"residual_layer_norm: residual {None if residual is None else tuple(residual.shape)}, "
                          f"x {tuple(x.shape)} and the norm's shape {tuple(norm.normalized_shape)} do not fit")
@@ -1613,12 +1671,14 @@ def _residual_layer_norm(residual, x, norm, backend, earlier=None, store_out=Tru
     if norm.weight is None or norm.bias is None:
         unsupported = ValueError("residual_layer_norm: the Triton kernel needs an affine LayerNorm (weight and "
                                  "bias); use backend='torch'")
-    tensors = (residual, x, norm.weight, norm.bias) + ((earlier[0], earlier[1].weight, earlier[1].bias)
-                                                       if earlier is not None else ())
+    tensors = (residual, x, norm.weight, norm.bias, branch_bias) + (
+        (earlier[0], earlier[1].weight, earlier[1].bias, earlier[2]) if earlier is not None else ())
     merge_h, merge_w = _check_merge_size(x, merge_size, "residual_layer_norm")
     if _pick_backend(backend, x.device, tensors, unsupported, "residual_layer_norm") == "torch":
         if earlier is not None:
-            residual, _ = _residual_layer_norm(residual, earlier[0], earlier[1], "torch")
+            residual, _ = _residual_layer_norm(residual, earlier[0], earlier[1], "torch", branch_bias=earlier[2])
+        if branch_bias is not None:
+            x = x + branch_bias
         out = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         out = out if residual is None else residual + out
         if low_dtype is None:
@@ -1630,11 +1690,11 @@ def _residual_layer_norm(residual, x, norm, backend, earlier=None, store_out=Tru
     out_dtype = ln_dtype if residual is None else torch.promote_types(residual.dtype, ln_dtype)
     store_out = low_dtype is None or (store_out and not merge_w)
     merge_h, merge_w = (merge_h, merge_w) if low_dtype is not None else (0, 0)
-    e_branch, e_norm = earlier if earlier is not None else (None, None)
+    e_branch, e_norm, e_bias = earlier if earlier is not None else (None, None, None)
     out, low = _through_op(_residual_layer_norm_op, _residual_layer_norm_launch)(
         residual, x, norm.weight, norm.bias, float(norm.eps), out_dtype, low_dtype, e_branch,
         None if e_norm is None else e_norm.weight, None if e_norm is None else e_norm.bias,
-        0.0 if e_norm is None else float(e_norm.eps), store_out, merge_h, merge_w)
+        0.0 if e_norm is None else float(e_norm.eps), store_out, merge_h, merge_w, branch_bias, e_bias)
     return (out if store_out else None), (low if low_dtype is not None else None)
 
 
@@ -1790,17 +1850,26 @@ if triton is not None:
         return v.to(HALF)
 
     @triton.jit
+    def _gelu_tanh(x):
+        """GELU's tanh form, the one cuBLASLt's epilogue computes for the wider blocks (mlp_forward), as
+        x * sigmoid(2u) = x / (1 + exp(-2u)), u = sqrt(2 / pi) * (x + 0.044715 x^3): one exponential and one
+        division, where erf cost the block tail 0.24 of its 0.90 ms at SwinV2-B/384 stage 1 on an H100."""
+        two_u = x * (1.5957691216057308 + 0.0713548162726009 * x * x)
+        return x / (1.0 + tl.math.exp2(two_u * -1.4426950408889634))
+
+    @triton.jit
     def _block_tail_fwd(x_ptr, attn_ptr, w1n_ptr, b1n_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w2n_ptr, b2n_ptr,
-                        out_ptr, low_ptr, rows, eps1, eps2,
+                        out_ptr, low_ptr, attn_bias_ptr, rows, eps1, eps2,
                         C: tl.constexpr, HID: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_H: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr,
-                        MERGE_H: tl.constexpr, MERGE_W: tl.constexpr):
+                        MERGE_H: tl.constexpr, MERGE_W: tl.constexpr, HAS_ATTN_BIAS: tl.constexpr):
         """BLOCK_M rows of x2 = x1 + norm2(fc2(gelu(fc1(half(x1))))), x1 = x + norm1(attn), rounded where the
-        official block under autocast rounds: fc1's output, GELU's (erf, float32 math), fc2's. The (BLOCK_M, HID)
-        hidden features stay on chip: fc2's (BLOCK_M, C) accumulator lives in registers while HID is walked in
-        BLOCK_H chunks. x, out: (rows, C) float32; attn, low: (rows, C) half; w1 (HID, C), b1 (HID,), w2 (C, HID),
+        official block under autocast rounds: fc1's output, GELU's (the tanh form in float32, _gelu_tanh), fc2's. The
+        (BLOCK_M, HID) hidden features stay on chip: fc2's (BLOCK_M, C) accumulator lives in registers while HID is
+        walked in BLOCK_H chunks. x, out: (rows, C) float32; attn, low: (rows, C) half; w1 (HID, C), b1 (HID,), w2 (C, HID),
         b2 (C,): half; w1n, b1n, w2n, b2n: (C,) float32. WIDEN: see _operand and _round_half. STORE_OUT: out
-        stored (else only low); MERGE_H, MERGE_W: low in the patch merging's layout (_low_offsets)."""
+        stored (else only low); MERGE_H, MERGE_W: low in the patch merging's layout (_low_offsets). HAS_ATTN_BIAS: attn
+        plus attn_bias (C,), the output projection's bias that its matmul left out."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < C
@@ -1808,7 +1877,8 @@ if triton is not None:
         offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
         HALF: tl.constexpr = w1_ptr.dtype.element_ty
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        x1 = _post_norm(x, attn_ptr, w1n_ptr, b1n_ptr, eps1, offs, mask, offs_c, c_valid, C, True)
+        x1 = _post_norm(x, attn_ptr, w1n_ptr, b1n_ptr, eps1, offs, mask, offs_c, c_valid, C, True, attn_bias_ptr,
+                        HAS_ATTN_BIAS)
         a = _operand(_round_half(x1, HALF, WIDEN), WIDEN)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for h0 in range(0, HID, BLOCK_H):
@@ -1819,15 +1889,14 @@ if triton is not None:
             hidden = tl.dot(a, tl.trans(_operand(w1, WIDEN)))
             hidden = _round_half(hidden + tl.load(b1_ptr + offs_h, mask=h_valid, other=0.0).to(tl.float32), HALF,
                                  WIDEN).to(tl.float32)
-            # nn.GELU's erf form, in PyTorch's order
-            hidden = _round_half(hidden * 0.5 * (1.0 + tl.math.erf(hidden * 0.7071067811865476)), HALF, WIDEN)
+            hidden = _round_half(_gelu_tanh(hidden), HALF, WIDEN)
             w2 = tl.load(w2_ptr + offs_c[:, None] * HID + offs_h[None, :], mask=c_valid[:, None] & h_valid[None, :],
                          other=0.0)
             acc = tl.dot(_operand(hidden, WIDEN), tl.trans(_operand(w2, WIDEN)), acc)
         y = _round_half(acc + tl.load(b2_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32), HALF, WIDEN)
         # x1 recomputed (x and attn are in L2 by now) rather than held through the loop beside the accumulator
         x1 = _post_norm(tl.load(x_ptr + offs, mask=mask, other=0.0), attn_ptr, w1n_ptr, b1n_ptr, eps1, offs, mask,
-                        offs_c, c_valid, C, True)
+                        offs_c, c_valid, C, True, attn_bias_ptr, HAS_ATTN_BIAS)
         out = _post_norm_tile(x1, y.to(tl.float32), w2n_ptr, b2n_ptr, eps2, offs_c, c_valid, C, True)
         if STORE_OUT:
             tl.store(out_ptr + offs, out, mask=mask)
@@ -1845,9 +1914,10 @@ def _block_tail_config(C: int) -> Tuple[int, int, int, int]:
 def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
                        eps1: float, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
                        fc2_bias: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, eps2: float,
-                       merge_h: int = 0, merge_w: int = 0, wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       merge_h: int = 0, merge_w: int = 0, attn_bias: Optional[torch.Tensor] = None,
+                       wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The kernel's launch: (x2 float32, x2 in attn's dtype), both x's shape; merge_h, merge_w: see merge_patches (then
-    x2 is not stored: (0,))."""
+    x2 is not stored: (0,)); attn_bias: see block_tail."""
     C, HID = x.shape[-1], fc1_weight.shape[0]
     rows = x.numel() // C
     x, attn = x.contiguous(), attn.contiguous()
@@ -1860,9 +1930,10 @@ def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.
     block_m, block_h, warps, stages = (16, 32, 4, 1) if _interpreting() else _block_tail_config(C)
     _launcher(_block_tail_fwd, wrap)[(_cdiv(rows, block_m),)](
         x, attn, norm1_weight, norm1_bias, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
-        norm2_weight, norm2_bias, out, low, rows, eps1, eps2, C=C, HID=HID, BLOCK_C=_next_pow2(C), BLOCK_M=block_m,
-        BLOCK_H=block_h, WIDEN=_interpreting() and attn.dtype == torch.bfloat16, STORE_OUT=not merge_w, MERGE_H=merge_h,
-        MERGE_W=merge_w, num_warps=warps, num_stages=stages)
+        norm2_weight, norm2_bias, out, low, attn_bias if attn_bias is not None else norm1_bias, rows, eps1, eps2, C=C,
+        HID=HID, BLOCK_C=_next_pow2(C), BLOCK_M=block_m, BLOCK_H=block_h,
+        WIDEN=_interpreting() and attn.dtype == torch.bfloat16, STORE_OUT=not merge_w, MERGE_H=merge_h,
+        MERGE_W=merge_w, HAS_ATTN_BIAS=attn_bias is not None, num_warps=warps, num_stages=stages)
     return out, low
 
 
@@ -1870,9 +1941,9 @@ def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.
 def _block_tail_op(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
                    eps1: float, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
                    fc2_bias: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, eps2: float,
-                   merge_h: int, merge_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                   merge_h: int, merge_w: int, attn_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return _block_tail_launch(x, attn, norm1_weight, norm1_bias, eps1, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                              norm2_weight, norm2_bias, eps2, merge_h, merge_w, torch.library.wrap_triton)
+                              norm2_weight, norm2_bias, eps2, merge_h, merge_w, attn_bias, torch.library.wrap_triton)
 
 
 def _block_tail_fusable(x: torch.Tensor, attn_out: torch.Tensor, norm1, mlp, norm2, half) -> bool:
@@ -1892,18 +1963,22 @@ def _block_tail_fusable(x: torch.Tensor, attn_out: torch.Tensor, norm1, mlp, nor
 
 def block_tail(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNorm, mlp: torch.nn.Module,
                norm2: torch.nn.LayerNorm, backend: Optional[str] = None,
-               merge_size: Optional[Sequence[int]] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+               merge_size: Optional[Sequence[int]] = None, attn_bias: Optional[torch.Tensor] = None
+               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """A SwinV2 block after its attention at inference: ``x1 = x + norm1(attn_out)``, ``x2 = x1 + norm2(mlp(x1))``.
 
     Under CUDA's autocast to float16 / bfloat16, with a float32 residual, the official ``Mlp`` (fc1, erf GELU, fc2)
     and C <= BLOCK_TAIL_MAX_C, or C <= BLOCK_TAIL_WIDEST_C with at most BLOCK_TAIL_WIDE_ROWS rows, it is one kernel
-    (:func:`_block_tail_fwd`) that rounds where the official block under autocast rounds. Elsewhere it is
-    :func:`residual_steps` around :func:`mlp_forward`.
+    (:func:`_block_tail_fwd`) that rounds where the official block under autocast rounds, its GELU the tanh form
+    as in :func:`mlp_forward`. Elsewhere it is :func:`residual_steps` around :func:`mlp_forward`.
 
     Args:
         x: (..., C) the block's input; attn_out: (..., C) the attention's projected output; norm1, norm2: LayerNorms
             over C; mlp: the official files' Mlp; backend: as in :func:`residual_layer_norm`.
         merge_size: (H, W) for the block before a patch merging, as in :func:`residual_steps`.
+        attn_bias: (C,) the output projection's bias, where its matmul left it out (added to attn_out before
+            norm1), or None. Without it the projection's bias epilogue cost 0.149 against 0.112 ms a call at
+            SwinV2-B/384 stage 1, batch 64, on an H100.
     Returns:
         (x2, x2 in the autocast dtype or None), as :func:`residual_steps` returns them.
     """
@@ -1913,15 +1988,15 @@ def block_tail(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNor
     if half is not None and _block_tail_fusable(x, attn_out, norm1, mlp, norm2, half):
         fc1, fc2 = mlp.fc1, mlp.fc2
         weights = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        if _pick_backend(backend, x.device, (x, attn_out, norm1.weight, norm1.bias, norm2.weight, norm2.bias)
+        if _pick_backend(backend, x.device, (x, attn_out, norm1.weight, norm1.bias, norm2.weight, norm2.bias, attn_bias)
                          + weights, None, "block_tail") == "triton":
             merge_h, merge_w = _check_merge_size(x, merge_size, "block_tail")
             w1, b1, w2, b2 = (w.to(half) for w in weights)   # no copy where they are the half weight copies
             out, low = _through_op(_block_tail_op, _block_tail_launch)(
                 x, attn_out, norm1.weight, norm1.bias, float(norm1.eps), w1, b1, w2, b2, norm2.weight, norm2.bias,
-                float(norm2.eps), merge_h, merge_w)
+                float(norm2.eps), merge_h, merge_w, attn_bias)
             return (None if merge_w else out), low
-    return residual_steps(x, attn_out, norm1, lambda x1: mlp_forward(mlp, x1), norm2, backend, merge_size)
+    return residual_steps(x, attn_out, norm1, lambda x1: mlp_forward(mlp, x1), norm2, backend, merge_size, attn_bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1940,14 +2015,15 @@ def patch_embed_forward(embed: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
             embed_dim and norm (nn.LayerNorm or None), as the official PatchEmbed.
         x: (B, in_chans, H, W), H and W the model's image size.
     Returns:
-        (B, Ph*Pw, embed_dim) in the dtype the official module gives.
+        (out, out_low): out (B, Ph*Pw, embed_dim) in the dtype the official module gives; out_low the same in the
+        autocast dtype where the LayerNorm kernel wrote it (the first qkv matmul's input), else None.
     """
     B, C, H, W = x.shape
     (ph, pw), (rows, cols) = embed.patch_size, embed.patches_resolution
     patches = torch.empty((B, rows, cols, C, ph, pw), device=x.device, dtype=autocast_dtype(x.device.type) or x.dtype)
     patches.copy_(x.view(B, C, rows, ph, cols, pw).permute(0, 2, 4, 1, 3, 5))
     x = F.linear(patches.view(B, rows * cols, -1), embed.proj.weight.view(embed.embed_dim, -1), embed.proj.bias)
-    return x if embed.norm is None else residual_layer_norm(None, x, embed.norm)[0]
+    return (x, None) if embed.norm is None else residual_layer_norm(None, x, embed.norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1973,40 +2049,57 @@ if triton is not None:
             return picked
 
     @triton.jit
+    def _table_tile(table_ptr, index_ptr, row, offs_c, offs_h, stride_table_t, stride_table_h, stride_index_n,
+                    stride_index_m, cols, table_rows, HEADS: tl.constexpr):
+        """(columns offs_c of one index row, every head): the table entries, float32, and which columns exist. An
+        index outside the table reads nothing and gives NaN (checking its range would sync the host)."""
+        c_valid = offs_c < cols
+        idx = tl.load(index_ptr + row * stride_index_n + offs_c * stride_index_m, mask=c_valid, other=0).to(tl.int64)
+        in_table = (c_valid & (idx >= 0) & (idx < table_rows))[:, None] & (offs_h < HEADS)[None, :]
+        b = tl.load(table_ptr + idx[:, None] * stride_table_t + offs_h[None, :] * stride_table_h, mask=in_table,
+                    other=float("nan"))
+        return b.to(tl.float32), c_valid
+
+    @triton.jit
     def _bias_from_table_fwd(table_ptrs, index_ptrs, out_ptr, stride_table_t, stride_table_h,
                              stride_index_n, stride_index_m, stride_out_l, stride_out_h, stride_out_n,
-                             rows, cols, table_rows, sigmoid_scale, HEADS: tl.constexpr, LAYERS: tl.constexpr,
-                             SIGMOID: tl.constexpr, CENTER: tl.constexpr,
-                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        """BLOCK_ROWS whole rows (BLOCK_COLS >= cols: a row's midpoint needs all of it) of every head's bias of
-        one layer. The index tile is read once for all heads: read per head, SwinV2-B/384's int64 index was
-        ~760 MB of L2 traffic per forward at stage 3."""
+                             table_rows, sigmoid_scale, COLS: tl.constexpr, HEADS: tl.constexpr,
+                             HEADS_PAD: tl.constexpr, LAYERS: tl.constexpr, SIGMOID: tl.constexpr,
+                             CENTER: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """One row of every head's bias of one layer, BLOCK_COLS columns at a time. A column's table entry is read
+        for all heads at once (the table row's heads are contiguous), then stored head by head: read head by head,
+        each entry cost a memory transaction of its own (SwinV2-B/384 stage 3 on an H100: 215 us for 191 MB).
+        Swin V1's centring (CENTER without SIGMOID) takes a first pass over the row for each head's midpoint. COLS: a
+        constexpr loop bound, as Triton 3.6's interpreter cannot loop to a runtime int."""
         layer = tl.program_id(1)
+        row = tl.program_id(0)
         table_ptr = _layer_ptr(table_ptrs, layer, LAYERS)
         index_ptr = _layer_ptr(index_ptrs, layer, LAYERS)
-        offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        # rows past the end repeat the last row (never stored): no empty row makes an inf - inf midpoint
-        read_r = tl.minimum(offs_r, rows - 1)
-        offs_c = tl.arange(0, BLOCK_COLS)
-        c_valid = (offs_c < cols)[None, :]
-        idx = tl.load(index_ptr + read_r[:, None] * stride_index_n + offs_c[None, :] * stride_index_m,
-                      mask=c_valid, other=0).to(tl.int64)
-        # an index outside the table reads nothing and gives NaN (checking its range would sync the host)
-        in_table = c_valid & (idx >= 0) & (idx < table_rows)
-        entries = table_ptr + idx * stride_table_t
-        out_ptrs = out_ptr + layer.to(tl.int64) * stride_out_l + offs_r[:, None] * stride_out_n + offs_c[None, :]
-        stored = (offs_r < rows)[:, None] & c_valid
-        for h in range(HEADS):   # a constexpr bound: Triton 3.6's interpreter cannot loop to a runtime int
-            b = tl.load(entries + h * stride_table_h, mask=in_table, other=float("nan")).to(tl.float32)
+        offs_h = tl.arange(0, HEADS_PAD)
+        mid = tl.zeros([HEADS_PAD], dtype=tl.float32)
+        if CENTER and not SIGMOID:   # each head's row midpoint (max + min) / 2
+            hi = tl.full([HEADS_PAD], float("-inf"), dtype=tl.float32)
+            lo = tl.full([HEADS_PAD], float("inf"), dtype=tl.float32)
+            for c0 in range(0, COLS, BLOCK_COLS):
+                offs_c = c0 + tl.arange(0, BLOCK_COLS)
+                b, c_valid = _table_tile(table_ptr, index_ptr, row, offs_c, offs_h, stride_table_t, stride_table_h,
+                                         stride_index_n, stride_index_m, COLS, table_rows, HEADS)
+                hi = tl.maximum(hi, tl.max(tl.where(c_valid[:, None], b, float("-inf")), 0))
+                lo = tl.minimum(lo, tl.min(tl.where(c_valid[:, None], b, float("inf")), 0))
+            mid = (hi + lo) * 0.5
+        out_base = out_ptr + layer.to(tl.int64) * stride_out_l + row.to(tl.int64) * stride_out_n
+        for c0 in range(0, COLS, BLOCK_COLS):
+            offs_c = c0 + tl.arange(0, BLOCK_COLS)
+            b, c_valid = _table_tile(table_ptr, index_ptr, row, offs_c, offs_h, stride_table_t, stride_table_h,
+                                     stride_index_n, stride_index_m, COLS, table_rows, HEADS)
             if SIGMOID:
                 # centred: minus the sigmoid's midpoint, known without the row's max and min (their reductions
                 # took a third of the kernel's time: 335 against 220 us at SwinV2-B/384 stage 3, H100)
                 b = _f32(sigmoid_scale) * (tl.sigmoid(b) - 0.5) if CENTER else _f32(sigmoid_scale) * tl.sigmoid(b)
             elif CENTER:
-                hi = tl.max(tl.where(c_valid, b, float("-inf")), 1)
-                lo = tl.min(tl.where(c_valid, b, float("inf")), 1)
-                b = b - ((hi + lo) * 0.5)[:, None]
-            tl.store(out_ptrs + h * stride_out_h, b.to(out_ptr.dtype.element_ty), mask=stored)
+                b = b - mid[None, :]
+            tl.store(out_base + offs_h[None, :].to(tl.int64) * stride_out_h + offs_c[:, None],
+                     b.to(out_ptr.dtype.element_ty), mask=c_valid[:, None] & (offs_h < HEADS)[None, :])
 
 
 def _check_layers(layers: List[tuple], check) -> None:
@@ -2058,16 +2151,14 @@ def _bias_from_table_launch(tables: Sequence[torch.Tensor], indices: Sequence[to
     out = torch.empty((len(tables), num_heads, rows, cols), device=table.device, dtype=out_dtype)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
-    block_cols = _next_pow2(cols)
-    # ~1024 entries and 4 warps a program: of 12 shapes at SwinV2-B/384 stage 3 (H100), one 1024-wide row a
-    # program took 220 us, four rows with 8 warps 275 us, eight 416 us
-    block_rows = max(1, min(_next_pow2(rows), 1024 // block_cols))
-    grid = (_cdiv(rows, block_rows), len(tables))
-    _launcher(_bias_from_table_fwd, wrap)[grid](
+    heads_pad = max(2, _next_pow2(num_heads))
+    # a (columns, heads) tile of ~2048 entries, 4 warps
+    block_cols = max(16, min(_next_pow2(cols), 2048 // heads_pad))
+    _launcher(_bias_from_table_fwd, wrap)[(rows, len(tables))](
         _stacked(tables), _stacked(indices), out, table.stride(0), table.stride(1), index.stride(0), index.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), rows, cols, table.shape[0],
-        float(sigmoid_scale if sigmoid_scale is not None else 1.0), HEADS=num_heads, LAYERS=len(tables),
-        SIGMOID=sigmoid_scale is not None, CENTER=center_rows, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        out.stride(0), out.stride(1), out.stride(2), table.shape[0],
+        float(sigmoid_scale if sigmoid_scale is not None else 1.0), COLS=cols, HEADS=num_heads, HEADS_PAD=heads_pad,
+        LAYERS=len(tables), SIGMOID=sigmoid_scale is not None, CENTER=center_rows, BLOCK_COLS=block_cols,
         num_warps=4)
     return out
 

@@ -24,11 +24,13 @@ import numpy as np
 try:  # FlashBias: inside the official `models` package, or as top-level modules
     from .flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
                                     merge_patches, patch_embed_forward, residual_layer_norm, tracing_or_exporting)
-    from .flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replay_model_call, replaying_call
+    from .flash_bias_runtime import (FlashBiasSettings, LayerBias, configure, has_hooks, replay_model_call,
+                                     replaying_call)
 except ImportError:
     from flash_bias_triton import (autocast_dtype, bias_from_table, block_tail, cpb_table, flash_bias_attention,
                                    merge_patches, patch_embed_forward, residual_layer_norm, tracing_or_exporting)
-    from flash_bias_runtime import FlashBiasSettings, LayerBias, configure, replay_model_call, replaying_call
+    from flash_bias_runtime import (FlashBiasSettings, LayerBias, configure, has_hooks, replay_model_call,
+                                    replaying_call)
 
 
 class Mlp(nn.Module):
@@ -208,7 +210,8 @@ class WindowAttention(nn.Module):
         x = self.proj_drop(x)
         return x
 
-    def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None, bias=None, qkv_bias=None):
+    def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None, bias=None, qkv_bias=None,
+                      proj_bias=True):
         """FlashBias: this attention on the fused kernel.
 
         Args:
@@ -217,14 +220,30 @@ class WindowAttention(nn.Module):
             region_ids: (num_windows, Wh*Ww) regions of the shift mask, or None
             bias: this layer's exact bias as LayerBias.stage_biases derived it for this forward, or None
             qkv_bias: this layer's row of qkv_biases made for its stage in this forward, or None
+            proj_bias: False: the output projection without its bias, which the caller adds (deferred_proj_bias)
         """
+        qv_bias = None
         if qkv_bias is None and self.q_bias is not None:
-            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
+            if self.training or torch.is_grad_enabled():
+                qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
+            else:  # inference: the attention kernel adds them, and the matmul needs no bias epilogue
+                qv_bias = (self.q_bias, self.v_bias)
         qkv = F.linear(input=x, weight=self.qkv.weight, bias=qkv_bias)
         x = flash_bias_attention(qkv, self.num_heads, self.logit_scale, region_ids=region_ids, image_size=image_size,
-                                 window_size=self.window_size, shift_size=shift_size,
+                                 window_size=self.window_size, shift_size=shift_size, qv_bias=qv_bias,
                                  **self.flash_bias.operands(self, qkv, bias))
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x) if proj_bias else F.linear(x, self.proj.weight))
+
+    def deferred_proj_bias(self, x):
+        """FlashBias: the output projection's bias for the block's LayerNorm pass to add (forward_fused's
+        proj_bias=False), in the dtype the matmul would add it in (autocast's, for input x), or None: the matmul adds
+        it. Deferred at inference, for a plain nn.Linear without hooks: it spares the matmul its bias epilogue
+        (SwinV2-B/384 stage 1, batch 64, on an H100: 0.149 against 0.112 ms a call)."""
+        bias = self.proj.bias
+        if self.training or type(self.proj) is not nn.Linear or bias is None or has_hooks(self.proj):
+            return None
+        half = autocast_dtype(x.device.type)
+        return bias if half is None else bias.to(half)
 
     def use_fused_attn(self, x):
         """FlashBias: whether this attention runs fused for input x (see the class docstring). Tracing, scripting and
@@ -425,14 +444,16 @@ class SwinTransformerBlock(nn.Module):
         Returns:
             (output or None, output in the autocast dtype (merged with merge), or None)
         """
+        proj_bias = self.attn.deferred_proj_bias(x)
         attn = self.attn.forward_fused(x if x_low is None else x_low, image_size=self.input_resolution,
                                        shift_size=self.shift_size, region_ids=self.region_ids, bias=bias,
-                                       qkv_bias=qkv_bias)
+                                       qkv_bias=qkv_bias, proj_bias=proj_bias is None)
         if self.training:  # drop path is random in training: the official residual steps around the fused attention
             x = x + self.drop_path(self.norm1(attn))
             return x + self.drop_path(self.norm2(self.mlp(x))), None
         return block_tail(x, attn, self.norm1, self.mlp, self.norm2,
-                          merge_size=self.input_resolution if merge else None)
+                          merge_size=self.input_resolution if merge else None,
+                          attn_bias=proj_bias)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, " \
@@ -496,7 +517,8 @@ class PatchMerging(nn.Module):
         """FlashBias: forward at inference, its norm one pass of the residual + LayerNorm kernel (no residual). Under
         CUDA's autocast self.norm is two: a cast of the reduction's half-precision output to float32, then a float32
         LayerNorm, ~1.3 ms of a SwinV2-B/384 batch-64 forward. x: (B, H*W, C) -> (B, H/2*W/2, 2C), as forward; merged:
-        x is already gathered, (B, H/2*W/2, 4C) (the stage's last block wrote it so)."""
+        x is already gathered, (B, H/2*W/2, 4C) (the stage's last block wrote it so). Returns (out, out in the autocast
+        dtype or None), as residual_layer_norm: the next stage's qkv matmul reads the latter."""
         H, W = self.input_resolution
         if merged:
             B, L, C4 = x.shape
@@ -507,7 +529,7 @@ class PatchMerging(nn.Module):
             assert H % 2 == 0 and W % 2 == 0, f"x size ({H}*{W}) are not even."
             x = merge_patches(x, (H, W))  # forward's cat of x0, x1, x2, x3 as one permuting copy
         x = self.reduction(x)
-        return residual_layer_norm(None, x, self.norm)[0]
+        return residual_layer_norm(None, x, self.norm)
 
     def extra_repr(self) -> str:
         return f"input_resolution={self.input_resolution}, dim={self.dim}"
@@ -571,7 +593,7 @@ class BasicLayer(nn.Module):
 
     def forward(self, x):
         if self.forward_fuses(x):  # FlashBias: blocks chained
-            return self.forward_fused(x)
+            return self.forward_fused(x)[0]
         for blk in self.blocks:
             if self.use_checkpoint:
                 x = checkpoint.checkpoint(blk, x)
@@ -586,22 +608,25 @@ class BasicLayer(nn.Module):
         fused."""
         return not self.training and all(blk.attn.use_fused_attn(x) for blk in self.blocks)
 
-    def forward_fused(self, x):
+    def forward_fused(self, x, x_low=None):
         """FlashBias: the blocks at inference, each handing the next the half-precision copy of its output that its last
         residual + LayerNorm pass wrote under autocast (the qkv matmul's input: no cast kernel), then the downsample,
         which reads that copy too (its matmul reads half precision under autocast anyway: same result), written by the
         last block already gathered in the merging's layout: no copy, and no float32 output (SwinV2-B/384 at batch 64
-        on an H100: 27.36 against 27.95 ms a forward with the merging's own copy)."""
-        x_low = None
+        on an H100: 27.36 against 27.95 ms a forward with the merging's own copy).
+
+        x: (B, H*W, C); x_low: x in the autocast dtype as the previous stage wrote it, or None. Returns (out, out in
+        the autocast dtype or None): the downsample's, else the last block's."""
         attns = [blk.attn for blk in self.blocks]
         biases = LayerBias.stage_biases(attns, x)  # two launches, not two per block
-        qkv_biases = WindowAttention.qkv_biases(attns)  # three launches, not three per block
+        # with gradients three launches, not three per block; without, the attention kernel adds q_bias and v_bias
+        qkv_biases = WindowAttention.qkv_biases(attns) if torch.is_grad_enabled() else None
         for i, (blk, bias) in enumerate(zip(self.blocks, biases)):
             merge = self.downsample is not None and i == len(self.blocks) - 1
             x, x_low = blk.forward_fused(x, x_low, bias, None if qkv_biases is None else qkv_biases[i], merge)
         if self.downsample is not None:  # x is None where the last block wrote its half-precision copy merged
-            x = self.downsample.forward_fused(x if x_low is None else x_low, merged=x is None)
-        return x
+            return self.downsample.forward_fused(x if x_low is None else x_low, merged=x is None)
+        return x, x_low
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}"
@@ -664,7 +689,8 @@ class PatchEmbed(nn.Module):
 
     def forward_fused(self, x):
         """FlashBias: forward at inference as one gathering copy, one matmul and the LayerNorm kernel
-        (patch_embed_forward): ~2 ms less of a SwinV2-B/384 batch-64 forward on an H100. As forward."""
+        (patch_embed_forward): ~2 ms less of a SwinV2-B/384 batch-64 forward on an H100. Returns (forward's output,
+        that in the autocast dtype or None)."""
         B, C, H, W = x.shape
         assert H == self.img_size[0] and W == self.img_size[1], \
             f"Input image size ({H}*{W}) doesn't match model ({self.img_size[0]}*{self.img_size[1]})."
@@ -808,13 +834,16 @@ class SwinTransformerV2(nn.Module):
 
     def forward_features(self, x):
         self.flash_bias_settings.resolve_at_first_fused_forward(self, self.layers[0].blocks[0].attn, x)  # FlashBias
-        x = self.patch_embed.forward_fused(x) if self.layers[0].forward_fuses(x) else self.patch_embed(x)  # FlashBias
+        # FlashBias: fused stages hand on x_low, x in the autocast dtype, which their LayerNorm kernels write anyway:
+        # the next qkv matmul reads it instead of casting x (0.29 ms of a SwinV2-B/384 batch-64 forward on an H100)
+        x, x_low = self.patch_embed.forward_fused(x) if self.layers[0].forward_fuses(x) else (self.patch_embed(x), None)
         if self.ape:
-            x = x + self.absolute_pos_embed
+            x, x_low = x + self.absolute_pos_embed, None
         x = self.pos_drop(x)
 
         for layer in self.layers:
-            x = layer(x)
+            fused = layer.forward_fuses(x) and not has_hooks(layer)  # FlashBias: hooks run where the layer is called
+            x, x_low = layer.forward_fused(x, x_low) if fused else (layer(x), None)
 
         x = self.norm(x)  # B L C
         x = self.avgpool(x.transpose(1, 2))  # B C 1

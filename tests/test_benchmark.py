@@ -257,3 +257,33 @@ def test_bench_batch_sweep_cpu(tmp_path):
     assert "| graph_vs_graph | compile_default_vs_graph |" in out.read_text()
     _, stderr = run_benchmark("--batches", "1,x", expect=2, script=SWEEP_SCRIPT)
     assert stderr.startswith("error: --batches takes whole numbers") and "Traceback" not in stderr
+
+
+def test_bench_profile_user_errors_and_matmul_tags():
+    """bench_profile.py needs CUDA and says so; a bad --dtype or a V1 config is named. Its matmul ranges carry each
+    call's shape and epilogue (checked on the CPU profiler around a small drop-in), and its report has a row for
+    each."""
+    script = os.path.join(ROOT, "benchmarks", "bench_profile.py")
+    _, stderr = run_benchmark(expect=2, script=script)
+    assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--dtype", "fp32", expect=2, script=script)
+    assert stderr.startswith("error: --dtype 'fp32': fp16 or bf16") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--embedded", "swin_t_224", expect=2, script=script)
+    assert stderr.startswith("error: --embedded swin_t_224: a SwinV2 config") and "Traceback" not in stderr
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    spec = importlib.util.spec_from_file_location("bench_profile", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fc = torch.nn.Linear(8, 12)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, bench._TagMatmuls():
+        fc(torch.randn(2, 5, 8))
+        torch._addmm_activation(fc.bias, torch.randn(3, 8), fc.weight.t(), use_gelu=True)
+        torch.nn.functional.linear(torch.randn(4, 8), fc.weight)
+    tags = sorted(e.name for e in prof.events() if e.name.startswith(bench.GEMM_TAG))
+    assert tags == ["matmul 10 8 12 bias", "matmul 3 8 12 gelu+bias", "matmul 4 8 12 none"]
+    gemms = {tags[0]: [20.0, 2], tags[1]: [9.0, 1]}
+    lines = bench.report({("1", "GEMM"): 49.0, ("head", "other"): 1.0}, gemms, {tags[0]: 8.0, tags[1]: 9.0}, 0.01,
+                         "test")
+    assert "| (10, 8, 12) | bias | 2 | 10.0 |" in "\n".join(lines) and "| GEMM | 0.049 |" in "\n".join(lines)

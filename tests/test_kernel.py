@@ -68,9 +68,19 @@ def make_case(B, N, H, d, dtype, bias_mode, mask, rank=8, image=None, window=Non
     return args
 
 
+def with_qv_bias(args):
+    """args with SwinV2's q and v biases (C,), of the size a trained qkv bias has against its q and v (~0.5)."""
+    g = fresh_generator()
+    C = args["qkv"].shape[-1] // 3
+    return dict(args, qv_bias=tuple((0.5 * torch.randn(C, generator=g)).to(DEVICE) for _ in range(2)))
+
+
 def reference64(args):
     a = dict(args)
     a["qkv"] = args["qkv"].double()
+    if "qv_bias" in a:   # the official math: the qkv matmul's bias, k's part zero
+        q_bias, v_bias = (t.double() for t in a.pop("qv_bias"))
+        a["qkv"] = a["qkv"] + torch.cat((q_bias, torch.zeros_like(q_bias), v_bias))
     if "logit_scale" in a:
         a["logit_scale"] = args["logit_scale"].double()
     if "bias" in a:
@@ -174,6 +184,41 @@ def test_interpreter_other_blocks(monkeypatch, blocks):
     monkeypatch.setattr(fb, "INTERPRET_BLOCKS", blocks)
     check(make_case(2, 144, 1, 32, torch.float16, "dense", True, nW=2))
     check(make_case(1, 576, 1, 32, torch.float16, "lowrank", True, rank=16, nW=1))
+
+
+@pytest.mark.parametrize("N", SIZES)
+@pytest.mark.parametrize("bias_mode", ["dense", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qv_bias_added_in_the_kernel(monkeypatch, N, bias_mode, dtype):
+    """SwinV2's q and v biases, left out of the qkv matmul, added by the inference kernel (not by PyTorch first)."""
+    given = []
+    launch = fb._launch
+    monkeypatch.setattr(fb, "_launch", lambda *a, **k: given.append(k.get("query_bias") is not None) or launch(*a, **k))
+    check(with_qv_bias(make_case(4, N, 2, 32, dtype, bias_mode, True)))
+    assert given == [True]
+
+
+@pytest.mark.parametrize("image,window,shift,dtype,bias_mode", [
+    ((16, 16), (8, 8), 4, torch.float16, "dense"),
+    ((12, 8), (6, 4), 2, torch.bfloat16, "lowrank"),
+])
+def test_qv_bias_in_the_image_layout(image, window, shift, dtype, bias_mode):
+    check(with_qv_bias(make_case(2, window[0] * window[1], 2, 32, dtype, bias_mode, True, image=image,
+                                 window=window, shift=shift)))
+
+
+def test_qv_bias_gradients_and_checks():
+    """With a gradient the biases are added to qkv first (the kernel's backward then sees the official qkv), and
+    their gradients are the official math's; a bias of the wrong size is named."""
+    args = with_qv_bias(make_case(2, 49, 2, 32, torch.float32, "dense", True, nW=2))
+    leaves = [args.pop("qkv").clone().requires_grad_(True)] + [t.clone().requires_grad_(True) for t in args["qv_bias"]]
+    fb.flash_bias_attention(leaves[0], **dict(args, qv_bias=tuple(leaves[1:]))).square().sum().backward()
+    doubles = [t.detach().double().requires_grad_(True) for t in leaves]
+    reference64(dict(args, qkv=doubles[0], qv_bias=tuple(doubles[1:]))).square().sum().backward()
+    for got, expected in zip(leaves, doubles):
+        assert rel_err(got.grad, expected.grad) < TOL[torch.float32] * 5
+    with pytest.raises(ValueError, match=r"qv_bias: v_bias must be a floating \(64,\) tensor"):
+        fb.flash_bias_attention(leaves[0].detach(), **dict(args, qv_bias=(leaves[1], leaves[2][:10])))
 
 
 def test_fully_masked_row_blocks_and_zero_vectors():
@@ -1112,7 +1157,7 @@ def test_stored_lse_is_the_official_masks(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# A SwinV2 block's tail in one kernel: both res-post-norm steps around the Mlp (fc1, erf GELU, fc2)
+# A SwinV2 block's tail in one kernel: both res-post-norm steps around the Mlp (fc1, GELU, fc2)
 # ----------------------------------------------------------------------------------------------
 class OfficialMlp(torch.nn.Module):
     """The official files' Mlp: fc1, nn.GELU (erf), fc2, dropout 0."""
@@ -1143,9 +1188,10 @@ def block_tail_case(M, C, half, hidden=None):
     return x, attn_out, norms[0].to(DEVICE), mlp, norms[1].to(DEVICE)
 
 
-def block_tail_reference(x, attn_out, norm1, mlp, norm2, rounded):
+def block_tail_reference(x, attn_out, norm1, mlp, norm2, rounded, gelu_form="tanh"):
     """float64 math; rounded: rounded to the Linear weights' dtype where the official block under autocast rounds
-    (fc1's input, fc1's and GELU's and fc2's outputs)."""
+    (fc1's input, fc1's and GELU's and fc2's outputs); gelu_form: "tanh", the kernel's, or "none", the official
+    nn.GELU's erf."""
     half = mlp.fc1.weight.dtype
     rnd = (lambda t: t.to(half).double()) if rounded else (lambda t: t)
 
@@ -1154,7 +1200,7 @@ def block_tail_reference(x, attn_out, norm1, mlp, norm2, rounded):
                                                          norm.weight.double(), norm.bias.double(), norm.eps)
     linear, gelu = torch.nn.functional.linear, torch.nn.functional.gelu
     x1 = post_norm(x.double(), attn_out, norm1)
-    hidden = rnd(gelu(rnd(linear(rnd(x1), mlp.fc1.weight.double(), mlp.fc1.bias.double()))))
+    hidden = rnd(gelu(rnd(linear(rnd(x1), mlp.fc1.weight.double(), mlp.fc1.bias.double())), approximate=gelu_form))
     return post_norm(x1, rnd(linear(hidden, mlp.fc2.weight.double(), mlp.fc2.bias.double())), norm2)
 
 

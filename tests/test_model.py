@@ -866,6 +866,29 @@ def test_patch_merging_norm_on_the_kernel(monkeypatch):
     assert rel_l2(fused, official) < (2e-3 if device == "cuda" else 1e-5)
 
 
+def test_stages_hand_on_their_half_precision_output(monkeypatch):
+    """FlashBias: under autocast each fused stage gets the copy in the autocast dtype that the LayerNorm pass before it
+    (patch embedding, patch merging) wrote, for its first qkv matmul to read instead of casting the float32 output
+    (on CUDA, where autocast's LayerNorm gives float32): the same bits. A hook on a stage makes the model call the
+    stage as usual, without the copy."""
+    model = make_model(MINI)
+    x = images(2, 32)
+    handed = []
+    for layer in model.layers:
+        monkeypatch.setattr(layer, "forward_fused", lambda x, x_low=None, _f=layer.forward_fused:
+                            handed.append(x_low is not None and x_low.dtype) or _f(x, x_low))
+    hooked = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        handed_on = model(x)
+        assert handed == [torch.bfloat16] * len(model.layers)
+        for layer in model.layers:
+            layer.register_forward_hook(lambda *_: hooked.append(1))
+        handed.clear()
+        called = model(x)
+    assert handed == [False] * len(model.layers) and len(hooked) == len(model.layers)
+    assert torch.equal(handed_on, called)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_patch_embed_forward_fused_is_the_official_patch_embed(autocast):
     """FlashBias: PatchEmbed.forward_fused (a gathering copy, a matmul, the LayerNorm kernel) gives the official conv,
@@ -882,7 +905,7 @@ def test_patch_embed_forward_fused_is_the_official_patch_embed(autocast):
     x = images(2, 32).to(device)
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
-        fused, official = embed.forward_fused(x), embed(x)
+        (fused, fused_low), official = embed.forward_fused(x), embed(x)
         calls = []
         real = embed.forward_fused
         embed.forward_fused = lambda x: calls.append(x.shape) or real(x)
@@ -890,6 +913,8 @@ def test_patch_embed_forward_fused_is_the_official_patch_embed(autocast):
     assert calls == [x.shape]
     assert fused.shape == official.shape and fused.dtype == official.dtype
     assert rel_l2(fused.float(), official.float()) < (1e-2 if autocast else 1e-5)
+    # the copy the first qkv matmul reads: the output as autocast would cast it, bit for bit
+    assert fused_low is None if not autocast else torch.equal(fused_low, fused.to(dtype))
 
 
 def test_patch_embed_forward_fused_takes_channels_last_images():
@@ -898,5 +923,5 @@ def test_patch_embed_forward_fused_takes_channels_last_images():
     x = images(2, 32)
     with torch.no_grad():
         expected = model.patch_embed(x)
-        out = model.patch_embed.forward_fused(x.to(memory_format=torch.channels_last))
+        out, _ = model.patch_embed.forward_fused(x.to(memory_format=torch.channels_last))
     assert rel_l2(out, expected) < 1e-5
