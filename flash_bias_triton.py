@@ -14,7 +14,9 @@ with the scores S_h in one of two forms, picked by ``logit_scale``:
 
 The form is a compile-time branch of one kernel: neither form does the other's work. The kernel
 reads q, k and v straight from the qkv projection output and writes the output in the layout the
-output projection reads. The bias B_h is given in one of three forms:
+output projection reads. SwinV2's qkv bias (q_bias, 0, v_bias) may be left out of the projection and
+given as ``qv_bias``: the kernel adds q_bias to the queries and v_bias to the output (each row of the
+softmax sums to 1, so P (v + v_bias) = P v + v_bias). The bias B_h is given in one of three forms:
 
 * exact:     ``bias`` (H, N, N), the dense per-head bias, shared by every window and never expanded;
 * low-rank:  ``bias_factors = (q_bias, k_bias)``, each (H, N, R), q_bias @ k_bias^T ~ B_h, folded into
@@ -1866,10 +1868,10 @@ if triton is not None:
         """BLOCK_M rows of x2 = x1 + norm2(fc2(gelu(fc1(half(x1))))), x1 = x + norm1(attn), rounded where the
         official block under autocast rounds: fc1's output, GELU's (the tanh form in float32, _gelu_tanh), fc2's. The
         (BLOCK_M, HID) hidden features stay on chip: fc2's (BLOCK_M, C) accumulator lives in registers while HID is
-        walked in BLOCK_H chunks. x, out: (rows, C) float32; attn, low: (rows, C) half; w1 (HID, C), b1 (HID,), w2 (C, HID),
-        b2 (C,): half; w1n, b1n, w2n, b2n: (C,) float32. WIDEN: see _operand and _round_half. STORE_OUT: out
-        stored (else only low); MERGE_H, MERGE_W: low in the patch merging's layout (_low_offsets). HAS_ATTN_BIAS: attn
-        plus attn_bias (C,), the output projection's bias that its matmul left out."""
+        walked in BLOCK_H chunks. x, out: (rows, C) float32; attn, low: (rows, C) half; w1 (HID, C), b1 (HID,),
+        w2 (C, HID), b2 (C,): half; w1n, b1n, w2n, b2n: (C,) float32. WIDEN: see _operand and _round_half.
+        STORE_OUT: out stored (else only low); MERGE_H, MERGE_W: low in the patch merging's layout (_low_offsets).
+        HAS_ATTN_BIAS: attn plus attn_bias (C,), the output projection's bias that its matmul left out."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < C

@@ -13,7 +13,8 @@ warm-ups. Each stage's and each matmul's kernels are those inside its ``record_f
   forward's matmul FLOPs, attention's included, at ``FLOOR_TFLOPS``.
 * Matmuls: per shape (M, K, N) and epilogue (bias, GELU + bias, none), the calls per forward, their kernel time
   and TFLOP/s in the model, and the same call alone from cuBLAS (random inputs of that shape, median of
-  ``ROUNDS`` rounds of ``REPS`` calls between CUDA events).
+  ``ROUNDS`` rounds of ``REPS`` calls between CUDA events: wall time per call, launch gaps and cuBLAS's memsets
+  included, so "model / alone" below 1 is partly that difference).
 
 Needs CUDA.
 """
@@ -48,8 +49,8 @@ class _TagMatmuls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+            x, weight, bias = named["input"], named["weight"], named.get("bias")
             shape = (x.numel() // x.shape[-1], weight.shape[1], weight.shape[0])
             epilogue = "bias" if bias is not None else "none"
         elif func is torch._addmm_activation:
@@ -128,7 +129,9 @@ def profile_forward(model, x, dtype, forwards=3):
 
 
 def cublas_alone(M, K, N, epilogue, dtype):
-    """Median us of one call of the matmul alone (random inputs of the shape), as the drop-in calls it."""
+    """Median us of one call of the matmul alone (random inputs of the shape), as the drop-in calls it: CUDA events
+    around REPS back-to-back calls, so each call's launch gap and cuBLAS's memset count too, where the model's column
+    is kernel time only."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
     w = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) / math.sqrt(K)

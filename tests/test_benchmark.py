@@ -280,7 +280,7 @@ def test_bench_profile_user_errors_and_matmul_tags():
     with profile(activities=[ProfilerActivity.CPU]) as prof, bench._TagMatmuls():
         fc(torch.randn(2, 5, 8))
         torch._addmm_activation(fc.bias, torch.randn(3, 8), fc.weight.t(), use_gelu=True)
-        torch.nn.functional.linear(torch.randn(4, 8), fc.weight)
+        torch.nn.functional.linear(input=torch.randn(4, 8), weight=fc.weight)   # as the drop-in's qkv matmul
     tags = sorted(e.name for e in prof.events() if e.name.startswith(bench.GEMM_TAG))
     assert tags == ["matmul 10 8 12 bias", "matmul 3 8 12 gelu+bias", "matmul 4 8 12 none"]
     gemms = {tags[0]: [20.0, 2], tags[1]: [9.0, 1]}
