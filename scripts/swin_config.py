@@ -540,6 +540,10 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
       then has logits of order 1; 0.02 N(0, 1) gives ~0.01, which no test could see) and qkv.bias
       ~ 0.02 N(0, 1), as SwinV2's q_bias / v_bias. V1 blocks' norm1/norm2 are drawn as above.
 
+    * every other linear bias (qkv's in Swin V1 and the query/value biases aside) ~ 0.02 N(0, 1): the official
+      init zeroes them, which would hide a bias that a fused path drops (the output projection's, added by the
+      LayerNorm pass after it). Drawn last, so the draws above stay as they were before.
+
     transformers' Swinv2 gets the same under its names (continuous_position_bias_mlp, query/value biases,
     layernorm_before/layernorm_after as the post-norms). Drawn in that order from one generator seeded with
     ``seed``; other parameters keep their initialisation."""
@@ -550,6 +554,7 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
     attentions = [m for m in model.modules() if _cpb_mlp(m) is not None]
     cpb_layers = {id(layer) for attn in attentions for layer in _cpb_mlp(attn)}
+    drawn_biases = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module) not in cpb_layers:
             draw(module.weight, 0.02)
@@ -562,6 +567,7 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for projection in (getattr(attn, "query", None), getattr(attn, "value", None)):  # transformers' q/v biases
             if isinstance(projection, torch.nn.Linear) and projection.bias is not None:
                 draw(projection.bias, 0.02)
+                drawn_biases.add(id(projection.bias))
         cpb = _cpb_mlp(attn)
         draw(cpb[0].weight)
         if cpb[0].bias is not None:
@@ -585,6 +591,11 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 draw(qkv.weight, 2.0 / math.sqrt(qkv.in_features))
                 if qkv.bias is not None:
                     draw(qkv.bias, 0.02)
+                    drawn_biases.add(id(qkv.bias))
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Linear) and id(module) not in cpb_layers and module.bias is not None
+                and id(module.bias) not in drawn_biases):
+            draw(module.bias, 0.02)
     return model
 
 

@@ -391,6 +391,38 @@ def test_residual_steps(C, dtype, autocast):
 
 
 @pytest.mark.parametrize("C", [96, 200])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_residual_steps_add_the_projection_bias(C, dtype):
+    """attn_bias, the output projection's bias left out of its matmul: both passes add it to attn_out before norm1
+    (the second recomputes the first sum with it), as residual_layer_norm's branch_bias does, against float64."""
+    g = fresh_generator()
+    residual = (3 * torch.randn(2, 37, C, generator=g)).to(DEVICE)
+    attn_out = (2 * torch.randn(2, 37, C, generator=g)).to(DEVICE, dtype)
+    attn_bias = torch.randn(C, generator=g).to(DEVICE, dtype)
+    norms = [torch.nn.LayerNorm(C).to(DEVICE) for _ in range(2)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(0.5 + 0.1 * torch.randn(C, generator=g))
+            norm.bias.copy_(0.1 * torch.randn(C, generator=g))
+
+    def mlp(x1):
+        return torch.tanh(x1.float()).to(x1.dtype)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype):
+        out, _ = fb.residual_steps(residual, attn_out, norms[0], mlp, norms[1], backend="triton", attn_bias=attn_bias)
+        x1, x1_low = fb.residual_layer_norm(residual, attn_out, norms[0], backend="triton", branch_bias=attn_bias)
+        two, _ = fb.residual_layer_norm(x1, mlp(x1_low), norms[1], backend="triton")
+        ref, _ = fb.residual_steps(residual, attn_out, norms[0], mlp, norms[1], backend="torch", attn_bias=attn_bias)
+
+    def post_norm(r, x, norm):
+        return r + torch.nn.functional.layer_norm(x.double(), (C,), norm.weight.double(), norm.bias.double(), norm.eps)
+    with torch.no_grad():
+        x1_exact = post_norm(residual.double(), attn_out.double() + attn_bias.double(), norms[0])
+        exact = post_norm(x1_exact, mlp(x1_low), norms[1])
+    assert torch.equal(out, two)
+    assert rel_err(x1, x1_exact) < 1e-6 and rel_err(out, exact) < 1e-6 and rel_err(ref, exact) < 2e-3
+
+
+@pytest.mark.parametrize("C", [96, 200])
 @pytest.mark.parametrize("dtype,norm_dtype,autocast", [
     (torch.float32, torch.float32, None), (torch.float16, torch.float16, None), (torch.bfloat16, torch.bfloat16, None),
     (torch.float16, torch.float32, None),                   # half-precision x, float32 weights: PyTorch keeps x's dtype
