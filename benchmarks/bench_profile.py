@@ -56,7 +56,7 @@ class _TagMatmuls(TorchFunctionMode):
         elif func is torch._addmm_activation:
             mat1, mat2 = args[1], args[2]
             shape = (mat1.shape[0], mat1.shape[1], mat2.shape[1])
-            epilogue = "gelu+bias" if kwargs.get("use_gelu", args[5] if len(args) > 5 else False) else "relu+bias"
+            epilogue = "gelu+bias" if kwargs.get("use_gelu") else "relu+bias"   # use_gelu is keyword-only
         else:
             return func(*args, **kwargs)
         with torch.profiler.record_function(f"{GEMM_TAG} {shape[0]} {shape[1]} {shape[2]} {epilogue}"):
