@@ -1838,6 +1838,11 @@ BLOCK_TAIL_WIDE_ROWS = 0
 # The widest C the kernel takes at all: at C = 1024 fc2's (BLOCK_M, C) accumulator leaves too few registers (out of
 # resources with 16 or 32 rows and 64 hidden features a step; 6.8 against 0.26 ms with 32 and 32, at 144 rows)
 BLOCK_TAIL_WIDEST_C = 512
+# The tail's GELU through the GPU's tanh.approx.f32 (one instruction) rather than exp2 and a division: at SwinV2-B/384
+# stage 1, batch 64, on an H100 the tail with the projection took 0.698 against 0.740 ms, its error against float64
+# unchanged (7.2e-5; benchmarks/stage_one_fusions_nvidia-h100-80gb-hbm3.md). The interpreter has no inline assembly:
+# there the exp2 form runs, so the CPU tests check that form and the GPU tests this one.
+BLOCK_TAIL_TANH_APPROX = True
 
 if triton is not None:
 
@@ -1852,35 +1857,49 @@ if triton is not None:
         return v.to(HALF)
 
     @triton.jit
-    def _gelu_tanh(x):
+    def _gelu_tanh(x, TANH_APPROX: tl.constexpr):
         """GELU's tanh form, the one cuBLASLt's epilogue computes for the wider blocks (mlp_forward), as
         x * sigmoid(2u) = x / (1 + exp(-2u)), u = sqrt(2 / pi) * (x + 0.044715 x^3): one exponential and one
-        division, where erf cost the block tail 0.24 of its 0.90 ms at SwinV2-B/384 stage 1 on an H100."""
+        division, where erf cost the block tail 0.24 of its 0.90 ms at SwinV2-B/384 stage 1 on an H100.
+        TANH_APPROX: x / 2 * (1 + tanh(u)) with the GPU's tanh.approx.f32 (no interpreter)."""
+        if TANH_APPROX:
+            u = x * (0.7978845608028654 + 0.0356774081363001 * x * x)
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+            return 0.5 * x * (1.0 + t)
         two_u = x * (1.5957691216057308 + 0.0713548162726009 * x * x)
         return x / (1.0 + tl.math.exp2(two_u * -1.4426950408889634))
 
     @triton.jit
-    def _block_tail_fwd(x_ptr, attn_ptr, w1n_ptr, b1n_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w2n_ptr, b2n_ptr,
-                        out_ptr, low_ptr, attn_bias_ptr, rows, eps1, eps2,
+    def _block_tail_fwd(x_ptr, attn_ptr, wp_ptr, bp_ptr, w1n_ptr, b1n_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w2n_ptr,
+                        b2n_ptr, out_ptr, low_ptr, rows, eps1, eps2,
                         C: tl.constexpr, HID: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_H: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr,
-                        MERGE_H: tl.constexpr, MERGE_W: tl.constexpr, HAS_ATTN_BIAS: tl.constexpr):
+                        MERGE_H: tl.constexpr, MERGE_W: tl.constexpr, HAS_PROJ: tl.constexpr,
+                        TANH_APPROX: tl.constexpr):
         """BLOCK_M rows of x2 = x1 + norm2(fc2(gelu(fc1(half(x1))))), x1 = x + norm1(attn), rounded where the
         official block under autocast rounds: fc1's output, GELU's (the tanh form in float32, _gelu_tanh), fc2's. The
         (BLOCK_M, HID) hidden features stay on chip: fc2's (BLOCK_M, C) accumulator lives in registers while HID is
         walked in BLOCK_H chunks. x, out: (rows, C) float32; attn, low: (rows, C) half; w1 (HID, C), b1 (HID,),
         w2 (C, HID), b2 (C,): half; w1n, b1n, w2n, b2n: (C,) float32. WIDEN: see _operand and _round_half.
         STORE_OUT: out stored (else only low); MERGE_H, MERGE_W: low in the patch merging's layout (_low_offsets).
-        HAS_ATTN_BIAS: attn plus attn_bias (C,), the output projection's bias that its matmul left out."""
+        HAS_PROJ: attn is the attention's output before its projection, which the kernel applies first (wp (C, C),
+        bp (C,): half), rounded as the official proj's output."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < C
         mask = (offs_m < rows)[:, None] & c_valid[None, :]
         offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
         HALF: tl.constexpr = w1_ptr.dtype.element_ty
+        branch = tl.load(attn_ptr + offs, mask=mask, other=0.0)
+        if HAS_PROJ:
+            wp = tl.load(wp_ptr + offs_c[:, None] * C + offs_c[None, :], mask=c_valid[:, None] & c_valid[None, :],
+                         other=0.0)
+            branch = tl.dot(_operand(branch, WIDEN), tl.trans(_operand(wp, WIDEN)))
+            branch = _round_half(branch + tl.load(bp_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32), HALF,
+                                 WIDEN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        x1 = _post_norm(x, attn_ptr, w1n_ptr, b1n_ptr, eps1, offs, mask, offs_c, c_valid, C, True, attn_bias_ptr,
-                        HAS_ATTN_BIAS)
+        x1 = _post_norm_tile(x, branch.to(tl.float32), w1n_ptr, b1n_ptr, eps1, offs_c, c_valid, C, True)
         a = _operand(_round_half(x1, HALF, WIDEN), WIDEN)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for h0 in range(0, HID, BLOCK_H):
@@ -1891,14 +1910,14 @@ if triton is not None:
             hidden = tl.dot(a, tl.trans(_operand(w1, WIDEN)))
             hidden = _round_half(hidden + tl.load(b1_ptr + offs_h, mask=h_valid, other=0.0).to(tl.float32), HALF,
                                  WIDEN).to(tl.float32)
-            hidden = _round_half(_gelu_tanh(hidden), HALF, WIDEN)
+            hidden = _round_half(_gelu_tanh(hidden, TANH_APPROX), HALF, WIDEN)
             w2 = tl.load(w2_ptr + offs_c[:, None] * HID + offs_h[None, :], mask=c_valid[:, None] & h_valid[None, :],
                          other=0.0)
             acc = tl.dot(_operand(hidden, WIDEN), tl.trans(_operand(w2, WIDEN)), acc)
         y = _round_half(acc + tl.load(b2_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32), HALF, WIDEN)
-        # x1 recomputed (x and attn are in L2 by now) rather than held through the loop beside the accumulator
-        x1 = _post_norm(tl.load(x_ptr + offs, mask=mask, other=0.0), attn_ptr, w1n_ptr, b1n_ptr, eps1, offs, mask,
-                        offs_c, c_valid, C, True, attn_bias_ptr, HAS_ATTN_BIAS)
+        # x1 recomputed from the half branch and x (in L2 by now) rather than held in float32 beside the accumulator
+        x1 = _post_norm_tile(tl.load(x_ptr + offs, mask=mask, other=0.0), branch.to(tl.float32), w1n_ptr, b1n_ptr,
+                             eps1, offs_c, c_valid, C, True)
         out = _post_norm_tile(x1, y.to(tl.float32), w2n_ptr, b2n_ptr, eps2, offs_c, c_valid, C, True)
         if STORE_OUT:
             tl.store(out_ptr + offs, out, mask=mask)
@@ -1909,17 +1928,20 @@ if triton is not None:
 def _block_tail_config(C: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_H, num_warps, num_stages): fc2's (BLOCK_M, C) float32 accumulator sits in registers beside
     fc1's operand, so a wider C takes fewer rows. The fastest of six on an H100 at each width (C = 128 at 589824 rows:
-    0.893 ms against 1.250 for 128 x 64 with 8 warps; C = 512 at 576 rows: 0.105 against 0.147 for 32 rows)."""
-    return (64, 64, 4, 2) if C <= 128 else (32, 64, 4, 2) if C <= 256 else (16, 64, 4, 2)
+    0.893 ms against 1.250 for 128 x 64 with 8 warps; C = 512 at 576 rows: 0.105 against 0.147 for 32 rows). With the
+    output projection in the kernel, C = 128 gained from a third stage: 0.698 against 0.725 ms (H100,
+    benchmarks/stage_one_fusions_nvidia-h100-80gb-hbm3.md)."""
+    return (64, 64, 4, 3) if C <= 128 else (32, 64, 4, 2) if C <= 256 else (16, 64, 4, 2)
 
 
 def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
                        eps1: float, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
                        fc2_bias: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, eps2: float,
-                       merge_h: int = 0, merge_w: int = 0, attn_bias: Optional[torch.Tensor] = None,
-                       wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       merge_h: int = 0, merge_w: int = 0, proj_weight: Optional[torch.Tensor] = None,
+                       proj_bias: Optional[torch.Tensor] = None, wrap=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The kernel's launch: (x2 float32, x2 in attn's dtype), both x's shape; merge_h, merge_w: see merge_patches (then
-    x2 is not stored: (0,)); attn_bias: see block_tail."""
+    x2 is not stored: (0,)); proj_weight (C, C), proj_bias (C,): the attention's output projection in attn's dtype,
+    not yet applied to attn, or None."""
     C, HID = x.shape[-1], fc1_weight.shape[0]
     rows = x.numel() // C
     x, attn = x.contiguous(), attn.contiguous()
@@ -1930,12 +1952,14 @@ def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.
         low.fill_(float("nan"))
     # the interpreter: small blocks (its time grows with them); asked at each launch, not cached with the GPU's
     block_m, block_h, warps, stages = (16, 32, 4, 1) if _interpreting() else _block_tail_config(C)
+    has_proj = proj_weight is not None
     _launcher(_block_tail_fwd, wrap)[(_cdiv(rows, block_m),)](
-        x, attn, norm1_weight, norm1_bias, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
-        norm2_weight, norm2_bias, out, low, attn_bias if attn_bias is not None else norm1_bias, rows, eps1, eps2, C=C,
-        HID=HID, BLOCK_C=_next_pow2(C), BLOCK_M=block_m, BLOCK_H=block_h,
-        WIDEN=_interpreting() and attn.dtype == torch.bfloat16, STORE_OUT=not merge_w, MERGE_H=merge_h,
-        MERGE_W=merge_w, HAS_ATTN_BIAS=attn_bias is not None, num_warps=warps, num_stages=stages)
+        x, attn, proj_weight.contiguous() if has_proj else fc1_weight, proj_bias if has_proj else fc1_bias,
+        norm1_weight, norm1_bias, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
+        norm2_weight, norm2_bias, out, low, rows, eps1, eps2, C=C, HID=HID, BLOCK_C=_next_pow2(C), BLOCK_M=block_m,
+        BLOCK_H=block_h, WIDEN=_interpreting() and attn.dtype == torch.bfloat16, STORE_OUT=not merge_w,
+        MERGE_H=merge_h, MERGE_W=merge_w, HAS_PROJ=has_proj, TANH_APPROX=BLOCK_TAIL_TANH_APPROX and not _interpreting(),
+        num_warps=warps, num_stages=stages)
     return out, low
 
 
@@ -1943,9 +1967,11 @@ def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.
 def _block_tail_op(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
                    eps1: float, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
                    fc2_bias: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, eps2: float,
-                   merge_h: int, merge_w: int, attn_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                   merge_h: int, merge_w: int, proj_weight: Optional[torch.Tensor],
+                   proj_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return _block_tail_launch(x, attn, norm1_weight, norm1_bias, eps1, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                              norm2_weight, norm2_bias, eps2, merge_h, merge_w, attn_bias, torch.library.wrap_triton)
+                              norm2_weight, norm2_bias, eps2, merge_h, merge_w, proj_weight, proj_bias,
+                              torch.library.wrap_triton)
 
 
 def _block_tail_fusable(x: torch.Tensor, attn_out: torch.Tensor, norm1, mlp, norm2, half) -> bool:
@@ -1965,67 +1991,189 @@ def _block_tail_fusable(x: torch.Tensor, attn_out: torch.Tensor, norm1, mlp, nor
 
 def block_tail(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNorm, mlp: torch.nn.Module,
                norm2: torch.nn.LayerNorm, backend: Optional[str] = None,
-               merge_size: Optional[Sequence[int]] = None, attn_bias: Optional[torch.Tensor] = None
+               merge_size: Optional[Sequence[int]] = None, attn_proj: Optional[torch.nn.Linear] = None
                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """A SwinV2 block after its attention at inference: ``x1 = x + norm1(attn_out)``, ``x2 = x1 + norm2(mlp(x1))``.
+    """A SwinV2 block after its attention at inference: ``x1 = x + norm1(attn_out)``, ``x2 = x1 + norm2(mlp(x1))``;
+    with ``attn_proj``, ``x1 = x + norm1(attn_proj(attn_out))``.
 
     Under CUDA's autocast to float16 / bfloat16, with a float32 residual, the official ``Mlp`` (fc1, erf GELU, fc2)
     and C <= BLOCK_TAIL_MAX_C, or C <= BLOCK_TAIL_WIDEST_C with at most BLOCK_TAIL_WIDE_ROWS rows, it is one kernel
     (:func:`_block_tail_fwd`) that rounds where the official block under autocast rounds, its GELU the tanh form
-    as in :func:`mlp_forward`. Elsewhere it is :func:`residual_steps` around :func:`mlp_forward`.
+    as in :func:`mlp_forward`; the kernel applies attn_proj too. Elsewhere it is :func:`residual_steps` around
+    :func:`mlp_forward`, after attn_proj's matmul without its bias, which the first LayerNorm pass adds: the bias
+    epilogue cost that matmul 0.149 against 0.112 ms a call at SwinV2-B/384 stage 1, batch 64, on an H100.
 
     Args:
-        x: (..., C) the block's input; attn_out: (..., C) the attention's projected output; norm1, norm2: LayerNorms
-            over C; mlp: the official files' Mlp; backend: as in :func:`residual_layer_norm`.
+        x: (..., C) the block's input; attn_out: (..., C) the attention's output, projected unless attn_proj is
+            given; norm1, norm2: LayerNorms over C; mlp: the official files' Mlp; backend: as in
+            :func:`residual_layer_norm`.
         merge_size: (H, W) for the block before a patch merging, as in :func:`residual_steps`.
-        attn_bias: (C,) the output projection's bias, where its matmul left it out (added to attn_out before
-            norm1), or None. Without it the projection's bias epilogue cost 0.149 against 0.112 ms a call at
-            SwinV2-B/384 stage 1, batch 64, on an H100.
+        attn_proj: the attention's output projection (an nn.Linear from C to C with a bias, without hooks), not yet
+            applied to attn_out, or None.
     Returns:
         (x2, x2 in the autocast dtype or None), as :func:`residual_steps` returns them.
     """
     C = x.shape[-1]
+    if attn_proj is not None and not (isinstance(attn_proj, torch.nn.Linear) and attn_proj.bias is not None
+                                      and attn_proj.weight.shape == (C, C)):
+        raise ValueError(f"block_tail: attn_proj must be an nn.Linear from C = {C} to C with a bias; got {attn_proj}")
     wanted = C <= BLOCK_TAIL_WIDEST_C and (C <= BLOCK_TAIL_MAX_C or x.numel() <= BLOCK_TAIL_WIDE_ROWS * C)
     half = autocast_dtype(x.device.type) if wanted else None   # off: no more host time
     if half is not None and _block_tail_fusable(x, attn_out, norm1, mlp, norm2, half):
         fc1, fc2 = mlp.fc1, mlp.fc2
         weights = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        if _pick_backend(backend, x.device, (x, attn_out, norm1.weight, norm1.bias, norm2.weight, norm2.bias, attn_bias)
-                         + weights, None, "block_tail") == "triton":
+        proj = (attn_proj.weight, attn_proj.bias) if attn_proj is not None else (None, None)
+        if _pick_backend(backend, x.device, (x, attn_out, norm1.weight, norm1.bias, norm2.weight, norm2.bias)
+                         + weights + proj, None, "block_tail") == "triton":
             merge_h, merge_w = _check_merge_size(x, merge_size, "block_tail")
-            w1, b1, w2, b2 = (w.to(half) for w in weights)   # no copy where they are the half weight copies
+            # no copies where they are the half weight copies
+            w1, b1, w2, b2 = (w.to(half) for w in weights)
+            wp, bp = (None if w is None else w.to(half) for w in proj)
             out, low = _through_op(_block_tail_op, _block_tail_launch)(
                 x, attn_out, norm1.weight, norm1.bias, float(norm1.eps), w1, b1, w2, b2, norm2.weight, norm2.bias,
-                float(norm2.eps), merge_h, merge_w, attn_bias)
+                float(norm2.eps), merge_h, merge_w, wp, bp)
             return (None if merge_w else out), low
+    attn_bias = None
+    if attn_proj is not None:
+        half = autocast_dtype(x.device.type)
+        attn_bias = attn_proj.bias if half is None else attn_proj.bias.to(half)
+        attn_out = F.linear(attn_out, attn_proj.weight)
     return residual_steps(x, attn_out, norm1, lambda x1: mlp_forward(mlp, x1), norm2, backend, merge_size, attn_bias)
 
 
 # ----------------------------------------------------------------------------------------------
 # Swin's PatchEmbed at inference: the patch conv as a matmul, its norm on the LayerNorm kernel
 # ----------------------------------------------------------------------------------------------
-def patch_embed_forward(embed: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+if triton is not None:
+
+    @triton.jit
+    def _patch_embed_fwd(img_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, out_ptr, low_ptr, rows, eps,
+                         stride_b, stride_c, stride_h, stride_w,
+                         GRID_H: tl.constexpr, GRID_W: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+                         K: tl.constexpr, BLOCK_K: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_M: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr):
+        """BLOCK_M patches of out = LayerNorm(half(half(patch) @ w^T + b)) * nw + nb, rounded where the official
+        PatchEmbed under autocast rounds: the pixels as autocast casts the conv's input, the conv's output. img:
+        (B, in_chans, GRID_H * PATCH_H, GRID_W * PATCH_W) with any strides; w: (C, K) half, the conv weight as
+        (C, in_chans * PATCH_H * PATCH_W); b: (C,) half; nw, nb: (C,) float32. Stores out (rows, C) float32
+        (STORE_OUT) and low, out in w's dtype. Patch t is (image t // (GRID_H * GRID_W), row, col) row-major, as
+        the official flatten(2).transpose(1, 2) orders them."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < rows
+        t = offs_m.to(tl.int64)
+        image, row, col = t // (GRID_H * GRID_W), (t // GRID_W) % GRID_H, t % GRID_W
+        offs_k = tl.arange(0, BLOCK_K)
+        k_valid = offs_k < K
+        chan, i, j = offs_k // (PATCH_H * PATCH_W), (offs_k // PATCH_W) % PATCH_H, offs_k % PATCH_W
+        pixel = (image[:, None] * stride_b + chan[None, :] * stride_c
+                 + (row[:, None] * PATCH_H + i[None, :]) * stride_h + (col[:, None] * PATCH_W + j[None, :]) * stride_w)
+        HALF: tl.constexpr = w_ptr.dtype.element_ty
+        a = tl.load(img_ptr + pixel, mask=m_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
+        a = _operand(_round_half(a, HALF, WIDEN), WIDEN)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_valid = offs_c < C
+        w = tl.load(w_ptr + offs_c[:, None] * K + offs_k[None, :], mask=c_valid[:, None] & k_valid[None, :],
+                    other=0.0)
+        y = tl.dot(a, tl.trans(_operand(w, WIDEN))) + tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
+        y = _round_half(y, HALF, WIDEN).to(tl.float32)
+        out = _post_norm_tile(y, y, nw_ptr, nb_ptr, eps, offs_c, c_valid, C, False)
+        mask = m_valid[:, None] & c_valid[None, :]
+        offs = t[:, None] * C + offs_c[None, :]
+        if STORE_OUT:
+            tl.store(out_ptr + offs, out, mask=mask)
+        tl.store(low_ptr + offs, _round_half(out, HALF, WIDEN), mask=mask)
+
+
+def _patch_embed_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
+                        norm_bias: torch.Tensor, eps: float, patch_h: int, patch_w: int, wrap=None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's launch: x (B, in_chans, H, W); weight (C, in_chans, patch_h, patch_w) half; returns (out float32,
+    out in weight's dtype), each (B, H/patch_h * W/patch_w, C); on the CPU (the interpreter) out is the half copy: CPU
+    autocast's LayerNorm returns its input's dtype, which the conv's is (measured, torch 2.14)."""
+    B, _, H, W = x.shape
+    C, K = weight.shape[0], weight[0].numel()
+    grid_h, grid_w = H // patch_h, W // patch_w
+    rows = B * grid_h * grid_w
+    store_out = x.device.type == "cuda"
+    out = torch.empty((B, grid_h * grid_w, C) if store_out else (0,), device=x.device, dtype=torch.float32)
+    low = torch.empty((B, grid_h * grid_w, C), device=x.device, dtype=weight.dtype)
+    if POISON_OUTPUT:
+        out.fill_(float("nan"))
+        low.fill_(float("nan"))
+    block_m, warps = (16, 4) if _interpreting() else PATCH_EMBED_CONFIG
+    _launcher(_patch_embed_fwd, wrap)[(_cdiv(rows, block_m),)](
+        x, weight.contiguous(), bias, norm_weight, norm_bias, out, low, rows, eps, *x.stride(),
+        GRID_H=grid_h, GRID_W=grid_w, PATCH_H=patch_h, PATCH_W=patch_w, K=K, BLOCK_K=max(16, _next_pow2(K)), C=C,
+        BLOCK_C=max(16, _next_pow2(C)), BLOCK_M=block_m, WIDEN=_interpreting() and weight.dtype == torch.bfloat16,
+        STORE_OUT=store_out, num_warps=warps)
+    return (out if store_out else low), low
+
+
+# (BLOCK_M, num_warps) of the patch-embedding kernel: at SwinV2-B/384 batch 64 on an H100, 0.240 ms against 0.247
+# (64 rows), 0.263 (16 rows), 0.241 (32 rows, 2 warps) (benchmarks/stage_one_fusions_nvidia-h100-80gb-hbm3.md)
+PATCH_EMBED_CONFIG = (32, 4)
+
+
+@_triton_op("patch_embed")
+def _patch_embed_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
+                    norm_bias: torch.Tensor, eps: float, patch_h: int, patch_w: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _patch_embed_launch(x, weight, bias, norm_weight, norm_bias, eps, patch_h, patch_w,
+                               torch.library.wrap_triton)
+
+
+def _patch_embed_fusable(embed: torch.nn.Module, x: torch.Tensor, half: Optional[torch.dtype]) -> bool:
+    """Whether the official PatchEmbed fits the one-kernel path: autocast to a half dtype, a float image, a biased
+    conv (kernel = stride = patch, no padding, dilation or groups) and an affine float32 LayerNorm over embed_dim."""
+    conv, norm = embed.proj, embed.norm
+    return (half in (torch.float16, torch.bfloat16) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and isinstance(conv, torch.nn.Conv2d) and conv.bias is not None and conv.groups == 1
+            and tuple(conv.kernel_size) == tuple(conv.stride) == tuple(embed.patch_size)
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros"
+            and isinstance(norm, torch.nn.LayerNorm) and tuple(norm.normalized_shape) == (embed.embed_dim,)
+            and norm.weight is not None and norm.bias is not None and norm.weight.dtype == torch.float32
+            and embed.embed_dim <= PATCH_EMBED_MAX_C and conv.weight[0].numel() <= PATCH_EMBED_MAX_K)
+
+
+PATCH_EMBED_MAX_C = 512   # the kernel holds a (BLOCK_M, C) float32 tile for the LayerNorm
+PATCH_EMBED_MAX_K = 256   # and the (BLOCK_M, in_chans * patch_h * patch_w) pixels
+
+
+def patch_embed_forward(embed: torch.nn.Module, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """``embed(x)`` for the official files' ``PatchEmbed`` (a conv with kernel = stride = patch, flatten, transpose,
-    optional LayerNorm) as one gathering copy, one matmul and one pass of the residual + LayerNorm kernel (no
-    residual). The pixels of each patch are gathered in the conv weight's (in_chans, ph, pw) order and cast as
-    autocast casts the conv's input. Under CUDA's autocast the official module took ~2 ms of a SwinV2-B/384 batch-64
-    forward on an H100: an input cast, cuDNN's implicit GEMM, a separate bias add, the transposing copy, and a float32
-    LayerNorm of that copy.
+    optional LayerNorm) at inference.
+
+    Under autocast to float16 / bfloat16 with the LayerNorm, it is one kernel (:func:`_patch_embed_fwd`): each
+    program gathers its patches' pixels from the image (any strides), casts them as autocast casts the conv's input,
+    multiplies by the conv weight, adds the bias, rounds as the conv's output is rounded and normalises, writing the
+    float32 output and its half-precision copy. At SwinV2-B/384 batch 64 on an H100 the gathering copy, cuBLAS matmul
+    and LayerNorm pass it replaces took 0.10 + 0.14 + 0.21 ms. Elsewhere it is that gathering copy (cast as autocast
+    casts the conv's input), one matmul and the residual + LayerNorm kernel (no residual) or none. Under CUDA's
+    autocast the official module took ~2 ms of that forward: an input cast, cuDNN's implicit GEMM, a separate bias
+    add, the transposing copy, and a float32 LayerNorm of that copy.
 
     Args:
         embed: with proj (nn.Conv2d, kernel_size = stride = patch_size, no padding), patch_size, patches_resolution,
             embed_dim and norm (nn.LayerNorm or None), as the official PatchEmbed.
         x: (B, in_chans, H, W), H and W the model's image size.
+        backend: as in :func:`residual_layer_norm`.
     Returns:
         (out, out_low): out (B, Ph*Pw, embed_dim) in the dtype the official module gives; out_low the same in the
-        autocast dtype where the LayerNorm kernel wrote it (the first qkv matmul's input), else None.
+        autocast dtype where a kernel wrote it (the first qkv matmul's input), else None.
     """
     B, C, H, W = x.shape
     (ph, pw), (rows, cols) = embed.patch_size, embed.patches_resolution
-    patches = torch.empty((B, rows, cols, C, ph, pw), device=x.device, dtype=autocast_dtype(x.device.type) or x.dtype)
+    half = autocast_dtype(x.device.type)
+    if _patch_embed_fusable(embed, x, half):
+        conv, norm = embed.proj, embed.norm
+        if _pick_backend(backend, x.device, (x, conv.weight, conv.bias, norm.weight, norm.bias), None,
+                         "patch_embed_forward") == "triton":
+            return _through_op(_patch_embed_op, _patch_embed_launch)(
+                x, conv.weight.to(half), conv.bias.to(half), norm.weight, norm.bias, float(norm.eps), ph, pw)
+    patches = torch.empty((B, rows, cols, C, ph, pw), device=x.device, dtype=half or x.dtype)
     patches.copy_(x.view(B, C, rows, ph, cols, pw).permute(0, 2, 4, 1, 3, 5))
     x = F.linear(patches.view(B, rows * cols, -1), embed.proj.weight.view(embed.embed_dim, -1), embed.proj.bias)
-    return (x, None) if embed.norm is None else residual_layer_norm(None, x, embed.norm)
+    return (x, None) if embed.norm is None else residual_layer_norm(None, x, embed.norm, backend)
 
 
 # ----------------------------------------------------------------------------------------------

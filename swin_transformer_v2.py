@@ -211,7 +211,7 @@ class WindowAttention(nn.Module):
         return x
 
     def forward_fused(self, x, image_size=None, shift_size=0, region_ids=None, bias=None, qkv_bias=None,
-                      proj_bias=True):
+                      project=True):
         """FlashBias: this attention on the fused kernel.
 
         Args:
@@ -220,7 +220,7 @@ class WindowAttention(nn.Module):
             region_ids: (num_windows, Wh*Ww) regions of the shift mask, or None
             bias: this layer's exact bias as LayerBias.stage_biases derived it for this forward, or None
             qkv_bias: this layer's row of qkv_biases made for its stage in this forward, or None
-            proj_bias: False: the output projection without its bias, which the caller adds (deferred_proj_bias)
+            project: False: the output before the output projection, which the caller applies (deferred_proj)
         """
         qv_bias = None
         if qkv_bias is None and self.q_bias is not None:
@@ -232,18 +232,16 @@ class WindowAttention(nn.Module):
         x = flash_bias_attention(qkv, self.num_heads, self.logit_scale, region_ids=region_ids, image_size=image_size,
                                  window_size=self.window_size, shift_size=shift_size, qv_bias=qv_bias,
                                  **self.flash_bias.operands(self, qkv, bias))
-        return self.proj_drop(self.proj(x) if proj_bias else F.linear(x, self.proj.weight))
+        return self.proj_drop(self.proj(x)) if project else x
 
-    def deferred_proj_bias(self, x):
-        """FlashBias: the output projection's bias for the block's LayerNorm pass to add (forward_fused's
-        proj_bias=False), in the dtype the matmul would add it in (autocast's, for input x), or None: the matmul adds
-        it. Deferred at inference, for a plain nn.Linear without hooks: it spares the matmul its bias epilogue
-        (SwinV2-B/384 stage 1, batch 64, on an H100: 0.149 against 0.112 ms a call)."""
-        bias = self.proj.bias
-        if self.training or type(self.proj) is not nn.Linear or bias is None or has_hooks(self.proj):
+    def deferred_proj(self):
+        """FlashBias: the output projection for the block's tail to apply (forward_fused's project=False), or None:
+        forward_fused applies it. Deferred at inference, for a plain nn.Linear with a bias and without hooks: the tail
+        adds its bias in a pass it makes anyway, or at stage 1 runs the whole projection in its kernel (block_tail)."""
+        proj = self.proj
+        if self.training or type(proj) is not nn.Linear or proj.bias is None or has_hooks(proj):
             return None
-        half = autocast_dtype(x.device.type)
-        return bias if half is None else bias.to(half)
+        return proj
 
     def use_fused_attn(self, x):
         """FlashBias: whether this attention runs fused for input x (see the class docstring). Tracing, scripting and
@@ -444,16 +442,15 @@ class SwinTransformerBlock(nn.Module):
         Returns:
             (output or None, output in the autocast dtype (merged with merge), or None)
         """
-        proj_bias = self.attn.deferred_proj_bias(x)
+        proj = self.attn.deferred_proj()
         attn = self.attn.forward_fused(x if x_low is None else x_low, image_size=self.input_resolution,
                                        shift_size=self.shift_size, region_ids=self.region_ids, bias=bias,
-                                       qkv_bias=qkv_bias, proj_bias=proj_bias is None)
+                                       qkv_bias=qkv_bias, project=proj is None)
         if self.training:  # drop path is random in training: the official residual steps around the fused attention
             x = x + self.drop_path(self.norm1(attn))
             return x + self.drop_path(self.norm2(self.mlp(x))), None
         return block_tail(x, attn, self.norm1, self.mlp, self.norm2,
-                          merge_size=self.input_resolution if merge else None,
-                          attn_bias=proj_bias)
+                          merge_size=self.input_resolution if merge else None, attn_proj=proj)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, " \

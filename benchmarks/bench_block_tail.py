@@ -30,14 +30,15 @@ STAGES = ((589824, 128), (147456, 256), (36864, 512), (9216, 1024))
 REFERENCE_ROWS = 4096
 
 
-def parse_configs(text: str):
-    """[(BLOCK_M, BLOCK_H, num_warps, num_stages)] of "128x64x8x2,64x64x8x2"."""
+def parse_configs(text: str, option: str = "--configs", fields: str = "BLOCK_MxBLOCK_HxWARPSxSTAGES"):
+    """[(BLOCK_M, BLOCK_H, num_warps, num_stages)] of "128x64x8x2,64x64x8x2": tuples of as many ints as fields
+    names."""
     try:
         configs = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
     except ValueError:
         configs = []
-    if not configs or any(len(c) != 4 for c in configs):
-        raise UserError(f"--configs: {text!r} is not a comma list of BLOCK_MxBLOCK_HxWARPSxSTAGES")
+    if not configs or any(len(c) != len(fields.split("x")) for c in configs):
+        raise UserError(f"{option}: {text!r} is not a comma list of {fields}")
     return configs
 
 

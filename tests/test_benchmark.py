@@ -105,6 +105,18 @@ def test_bench_block_tail_user_errors_exit_2():
         assert stderr.startswith(f"error: --configs: '{bad}' is not a comma list") and "Traceback" not in stderr
 
 
+def test_bench_stage_one_fusions_user_errors_exit_2():
+    """It needs CUDA, and says so; a malformed --embed-configs or --tail-configs is named with its fields."""
+    script = os.path.join(ROOT, "benchmarks", "bench_stage_one_fusions.py")
+    _, stderr = run_benchmark(expect=2, script=script)
+    assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    for option, bad, fields in (("--embed-configs", "64", "BLOCK_MxWARPS"),
+                                ("--tail-configs", "64x4", "BLOCK_MxBLOCK_HxWARPSxSTAGES")):
+        _, stderr = run_benchmark(option, bad, expect=2, script=script)
+        assert stderr.startswith(f"error: {option}: '{bad}' is not a comma list of {fields}")
+        assert "Traceback" not in stderr
+
+
 def test_bench_compile_gap_user_errors_exit_2():
     """It needs CUDA, and says so; an unknown --modes entry is named with the known ones."""
     script = os.path.join(ROOT, "benchmarks", "bench_compile_gap.py")

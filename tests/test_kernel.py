@@ -1254,6 +1254,47 @@ def test_block_tail_kernel_against_float64(M, C, hidden, half, monkeypatch):
     assert rel_err(out, rounded) < {torch.float16: 2e-5, torch.bfloat16: 1e-4}[half]
 
 
+def projection_case(C, half):
+    """An output projection nn.Linear(C, C) with trained-like weights and bias, in half."""
+    g = fresh_generator()
+    proj = torch.nn.Linear(C, C)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(C, C, generator=g) / C ** 0.5)
+        proj.bias.copy_(0.2 * torch.randn(C, generator=g))
+    return proj.to(DEVICE, half)
+
+
+@pytest.mark.parametrize("M,C", [(37, 32), (40, 48)])   # 48: C not a block
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_tail_applies_the_output_projection(M, C, half, fused, monkeypatch):
+    """attn_proj: the fused kernel runs the attention's output projection first, its output rounded as the official
+    proj's; unfused, its matmul runs without the bias, which the LayerNorm pass adds. Both against float64."""
+    monkeypatch.setattr(fb, "BLOCK_TAIL_MAX_C", 256 if fused else 0)
+    launches = []
+    launch = fb._block_tail_launch
+    monkeypatch.setattr(fb, "_block_tail_launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    x, attn_in, norm1, mlp, norm2 = block_tail_case(M, C, half)
+    proj = projection_case(C, half)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=half):
+        out, low = fb.block_tail(x, attn_in, norm1, mlp, norm2, backend="triton", attn_proj=proj)
+        projected = torch.nn.functional.linear(attn_in.double(), proj.weight.double(), proj.bias.double())
+    assert launches == ([1] if fused else [])
+    exact, rounded = (block_tail_reference(x, projected.to(half) if r else projected, norm1, mlp, norm2, rounded=r)
+                      for r in (False, True))
+    # measured on the interpreter, fused: 7.3e-5 (fp16) / 5.7e-4 (bf16) against float64; the official block's own:
+    # 9.0e-5 / 7.0e-4
+    assert rel_err(out, exact) < {torch.float16: 2e-4, torch.bfloat16: 1.5e-3}[half]
+    if fused:
+        assert rel_err(out, rounded) < {torch.float16: 2e-5, torch.bfloat16: 1e-4}[half]
+
+
+def test_block_tail_refuses_a_projection_of_another_shape():
+    x, attn_in, norm1, mlp, norm2 = block_tail_case(8, 32, torch.float16)
+    with pytest.raises(ValueError, match=r"attn_proj must be an nn.Linear from C = 32 to C with a bias"):
+        fb.block_tail(x, attn_in, norm1, mlp, norm2, attn_proj=torch.nn.Linear(32, 16))
+
+
 @pytest.mark.skipif(not CUDA, reason="real widths: the interpreter covers the kernel in the test above")
 @pytest.mark.parametrize("M,C", [(9216, 128), (2304, 256), (576, 512)])   # SwinV2-B/384 batch 1, stages 1-3
 def test_block_tail_kernel_at_batch_one_widths(M, C, monkeypatch):
@@ -1326,6 +1367,83 @@ def test_block_tail_is_residual_steps_where_it_does_not_fuse(monkeypatch):
     with torch.no_grad():
         mlp.float()
         both()
+
+
+def patch_embed_case(image, patch, C, in_chans=3, image_dtype=torch.float32, channels_last=False):
+    """(the official PatchEmbed with a LayerNorm, trained-like values, image (2, in_chans, *image))."""
+    from swin_transformer_v2 import PatchEmbed
+    g = fresh_generator()
+    embed = PatchEmbed(image, patch, in_chans, C, norm_layer=torch.nn.LayerNorm)
+    with torch.no_grad():   # a norm at weight 1, bias 0 and a zero conv bias would hide a lost term
+        embed.proj.weight.copy_(torch.randn(embed.proj.weight.shape, generator=g) / embed.proj.weight[0].numel() ** 0.5)
+        embed.proj.bias.copy_(0.1 * torch.randn(C, generator=g))
+        embed.norm.weight.copy_(0.5 + 0.1 * torch.randn(C, generator=g))
+        embed.norm.bias.copy_(0.1 * torch.randn(C, generator=g))
+    x = (torch.randn(2, in_chans, image, image, generator=g) + 0.3).to(DEVICE, image_dtype)
+    return embed.to(DEVICE).eval(), x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def patch_embed_reference(embed, x, half, rounded):
+    """float64 math; rounded: the pixels and the conv's output rounded to half, where autocast rounds them."""
+    rnd = (lambda t: t.to(half).double()) if rounded else (lambda t: t.double())
+    conv, norm = embed.proj, embed.norm
+    y = rnd(torch.nn.functional.conv2d(rnd(x), rnd(conv.weight), conv.bias.to(half).double(), conv.stride))
+    return torch.nn.functional.layer_norm(y.flatten(2).transpose(1, 2), norm.normalized_shape, norm.weight.double(),
+                                          norm.bias.double(), norm.eps)
+
+
+@pytest.mark.parametrize("image,patch,C", [(16, 4, 32), (12, 4, 40), (10, 2, 24)])   # 40, 24: C not a block; K = 12
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_embed_kernel_against_float64(image, patch, C, half, channels_last, monkeypatch):
+    """FlashBias: the patch embedding in one kernel (gather, conv as a dot, bias, LayerNorm) against float64, the
+    pixels and the conv's output rounded where autocast rounds them; the half copy is the output cast."""
+    launches = []
+    launch = fb._patch_embed_launch
+    monkeypatch.setattr(fb, "_patch_embed_launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    embed, x = patch_embed_case(image, patch, C, channels_last=channels_last)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=half):
+        out, low = fb.patch_embed_forward(embed, x, backend="triton")
+    assert launches == [1] and out.shape == low.shape == (2, (image // patch) ** 2, C) and low.dtype == half
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=half):
+        assert out.dtype == embed(x).dtype   # float32 on CUDA; CPU autocast's LayerNorm keeps its input's dtype
+    assert torch.equal(low, out.to(half))
+    exact, rounded = (patch_embed_reference(embed, x, half, r) for r in (False, True))
+    # measured on the interpreter (float32 out): against the rounding reference below 1e-7, 1.6e-5 where one rounding
+    # of the conv's output went the other way; against float64 3.6e-4 (fp16) / 2.9e-3 (bf16), the official module's 4.0e-4 / 3.3e-3
+    # CPU: out in the half dtype, where a few elements sit one unit in the last place off the rounded reference
+    assert rel_err(out, rounded.to(out.dtype)) < {torch.float32: 5e-5, torch.float16: 5e-4, torch.bfloat16: 2e-3}[out.dtype]
+    assert rel_err(out, exact) < {torch.float16: 1e-3, torch.bfloat16: 6e-3}[half]
+
+
+@pytest.mark.skipif(not CUDA, reason="the real shape: the interpreter covers the kernel in the test above")
+def test_patch_embed_kernel_at_the_swinv2_shape():
+    embed, x = patch_embed_case(384, 4, 128)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16):
+        out, low = fb.patch_embed_forward(embed, x, backend="triton")
+        official = embed(x)
+    assert torch.equal(low, out.to(torch.float16))
+    assert rel_err(out, patch_embed_reference(embed, x, torch.float16, rounded=True)) < 2e-5
+    assert rel_err(out, official) < 2e-3
+
+
+def test_patch_embed_takes_the_matmul_path_where_the_kernel_does_not_fit(monkeypatch):
+    """No autocast, no norm, a half image without autocast, gradients: the gathering copy and matmul, and the kernel is
+    never launched."""
+    monkeypatch.setattr(fb, "_patch_embed_launch", lambda *a, **k: pytest.fail("the patch-embedding kernel ran"))
+    embed, x = patch_embed_case(8, 4, 16)
+    with torch.no_grad():
+        out, low = fb.patch_embed_forward(embed, x, backend="triton")
+        assert low is None and rel_err(out, embed(x)) < 1e-5
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        x.requires_grad_(True)
+        out, _ = fb.patch_embed_forward(embed, x)
+        out.sum().backward()
+    assert x.grad is not None
+    embed.norm = None
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16):
+        out, low = fb.patch_embed_forward(embed, x.detach(), backend="triton")
+    assert low is None and out.dtype == torch.float16
 
 
 def official_merge(x, H, W):
