@@ -2042,7 +2042,7 @@ def block_tail(x: torch.Tensor, attn_out: torch.Tensor, norm1: torch.nn.LayerNor
 
 
 # ----------------------------------------------------------------------------------------------
-# Swin's PatchEmbed at inference: the patch conv as a matmul, its norm on the LayerNorm kernel
+# Swin's PatchEmbed at inference: the patch conv, its bias and its norm in one kernel
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
 
@@ -2076,7 +2076,7 @@ if triton is not None:
                     other=0.0)
         y = tl.dot(a, tl.trans(_operand(w, WIDEN))) + tl.load(b_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
         y = _round_half(y, HALF, WIDEN).to(tl.float32)
-        out = _post_norm_tile(y, y, nw_ptr, nb_ptr, eps, offs_c, c_valid, C, False)
+        out = _post_norm_tile(y, y, nw_ptr, nb_ptr, eps, offs_c, c_valid, C, False)   # no residual: res unread
         mask = m_valid[:, None] & c_valid[None, :]
         offs = t[:, None] * C + offs_c[None, :]
         if STORE_OUT:
@@ -2139,7 +2139,8 @@ PATCH_EMBED_MAX_C = 512   # the kernel holds a (BLOCK_M, C) float32 tile for the
 PATCH_EMBED_MAX_K = 256   # and the (BLOCK_M, in_chans * patch_h * patch_w) pixels
 
 
-def patch_embed_forward(embed: torch.nn.Module, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+def patch_embed_forward(embed: torch.nn.Module, x: torch.Tensor, backend: Optional[str] = None
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``embed(x)`` for the official files' ``PatchEmbed`` (a conv with kernel = stride = patch, flatten, transpose,
     optional LayerNorm) at inference.
 
