@@ -3,7 +3,7 @@
 
     python benchmarks/bench_model.py [--models t256,b256,b384] [--dtypes fp16,bf16] [--batch 64]
                                      [--warmup 3] [--iters 10] [--rules logit:0.05]
-                                     [--compile] [--profile] [--out-dir benchmarks] [--tiny]
+                                     [--compile] [--peers] [--profile] [--out-dir benchmarks] [--tiny]
 
 For every model config (scripts/swin_config.py's registry) and precision, each method runs the WHOLE
 model (eval mode, torch.no_grad(), ``torch.autocast("cuda", dtype)`` as the official main.py
@@ -20,8 +20,10 @@ Methods: "official math" (the drop-in with FlashBias off: set_flash_bias(fused=F
 "timm SwinTransformerV2" (timm's independent implementation with the same weights,
 swin_config.build_timm_model; skipped with the reason if it cannot be built), "FlashBias exact" (rank
 rule exact, no factor files), "FlashBias low-rank <rule>" per ``--rules``, and with ``--compile``
-"FlashBias exact + torch.compile" (compile time, i.e. the first call, reported separately). One
-drop-in model per config; its modes are switched with set_flash_bias, not rebuilt.
+"FlashBias exact + torch.compile" (compile time, i.e. the first call, reported separately), and with ``--peers``
+"official + SDPA" and "official + SDPA + torch.compile": the official math with its attention core by
+F.scaled_dot_product_attention (benchmarks/sdpa_peer.py), the strongest peer, whose time over FlashBias exact's the
+markdown gives. One drop-in model per config; its modes are switched with set_flash_bias, not rebuilt.
 
 Weights: seeded trained-like random weights (swin_config.trained_like_, as the tests' models:
 cpb_mlp and logit_scale randomised, res-post-norm scales ~0.5, where SwinV2's zero init would hide
@@ -59,6 +61,7 @@ from swin_config import (UserError, build_from_args, build_timm_model, config_na
                          describe_config, pyplot, rank_rule_option, registered_config, rel_l2, run_main,
                          smooth_images)
 import flash_bias_runtime  # noqa: E402  (swin_config puts the repository root on sys.path)
+from sdpa_peer import sdpa_attention  # noqa: E402
 
 GPU_MODELS = ("t256", "b256", "b384")
 CPU_MODEL = "test_tiny"
@@ -68,6 +71,9 @@ OFFICIAL = "official math"
 TIMM = "timm SwinTransformerV2"
 EXACT = "FlashBias exact"
 COMPILED = "FlashBias exact + torch.compile"
+SDPA = "official + SDPA"
+SDPA_COMPILED = "official + SDPA + torch.compile"
+OPTIONAL = (TIMM, COMPILED, SDPA, SDPA_COMPILED)   # a method that fails here is reported skipped, not failed
 LOW_RANK = "FlashBias low-rank "
 
 
@@ -310,6 +316,19 @@ def table_row(r):
             f"{fmt(r['rel_l2_fp32'], '.2e')} | {'; '.join(notes)} |")
 
 
+def peer_ratios(rows) -> List[str]:
+    """One line per model and precision where both FlashBias exact and the compiled SDPA peer ran: their ms and
+    the peer's time over FlashBias's."""
+    ok = {(r["model"], r["precision"], r["method"]): r for r in rows if r["status"] == "ok"}
+    lines = []
+    for (model, prec, method), r in ok.items():
+        peer = ok.get((model, prec, SDPA_COMPILED))
+        if method == EXACT and peer is not None:
+            lines.append(f"- {model}, {prec}: {peer['ms_median']:.2f} / {r['ms_median']:.2f} ms = "
+                         f"{peer['ms_median'] / r['ms_median']:.2f}×")
+    return lines
+
+
 def write_markdown(path, meta, rows, profile_lines):
     timing = ("CUDA events around each batch" if meta["device_type"] == "cuda" else "wall clock (CPU)")
     lines = [
@@ -335,6 +354,9 @@ def write_markdown(path, meta, rows, profile_lines):
     for key, desc in meta["models"].items():
         lines.append(f"- {registered_config(key).title}: {desc}")
     lines += ["", TABLE_HEAD] + [table_row(r) for r in rows]
+    peer_lines = peer_ratios(rows)
+    if peer_lines:
+        lines += ["", f"{EXACT} against {SDPA_COMPILED}, the strongest peer, in this run:", ""] + peer_lines
     if profile_lines:
         what = "CUDA kernels" if meta["device_type"] == "cuda" else "CPU ops"
         lines += ["", f"Top {what} of {EXACT} ({meta.get('profile_model')}, 3 batches, torch.profiler):", "", "```",
@@ -401,6 +423,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "more in Triton")
     p.add_argument("--no-timm", action="store_true", help="skip timm's SwinTransformerV2")
     p.add_argument("--compile", action="store_true", help="also run FlashBias exact under torch.compile")
+    p.add_argument("--peers", action="store_true",
+                   help="also run the official math with its attention core by F.scaled_dot_product_attention "
+                        "(benchmarks/sdpa_peer.py), eagerly and under torch.compile (a minute or more to compile)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over 3 batches of FlashBias exact on the last model: top 25 kernels")
     p.add_argument("--seed", type=int, default=0, help="weights and images seed")
@@ -436,7 +461,8 @@ def make_plan(args) -> Plan:
     batch = args.batch or (2 if cpu else 64)
     if args.warmup < 1 or args.iters < 1 or batch < 1:
         raise UserError("--warmup, --iters and --batch must be >= 1")
-    methods = ([OFFICIAL] + ([] if args.no_timm else [TIMM]) + [EXACT] + [LOW_RANK + r for r in rules]
+    methods = ([OFFICIAL] + ([] if args.no_timm else [TIMM]) + ([SDPA, SDPA_COMPILED] if args.peers else [])
+               + [EXACT] + [LOW_RANK + r for r in rules]
                + ([COMPILED] if args.compile else []))
     return Plan(torch.device("cpu" if cpu else "cuda"), models, dtypes, batch, methods)
 
@@ -475,6 +501,7 @@ class ModelUnderTest:
         self.name = registered_config(key).title
         cfg, self.model = build_from_args(None, None, embedded=key, seed=args.seed, verbose=False)
         self.description = describe_config(cfg)
+        self.patch = contextlib.ExitStack()   # the SDPA peer's attention while it runs (runner, restore)
         self.timm_model, self.timm_error = None, None
         if not args.no_timm:
             try:
@@ -495,9 +522,16 @@ class ModelUnderTest:
                 raise RuntimeError(f"not built: {self.timm_error}")
             self.model.to("cpu")  # only the measured model's weights on the GPU (peak memory)
             return self.timm_model.to(self.device)
-        if method == OFFICIAL:
+        if method in (OFFICIAL, SDPA, SDPA_COMPILED):
             self.model.set_flash_bias(factors_path=False, fused=False)
-            return self.model
+            if method == OFFICIAL:
+                return self.model
+            attention = sys.modules[type(self.model).__module__].WindowAttention
+            self.patch.enter_context(sdpa_attention(self.model, attention))
+            if method == SDPA:
+                return self.model
+            torch._dynamo.reset()
+            return torch.compile(self.model)
         rule = method[len(LOW_RANK):] if method.startswith(LOW_RANK) else "exact"
         self.model.set_flash_bias(rank_rule=rule, factors_path=False, fused=True)
         if method == COMPILED:
@@ -511,7 +545,8 @@ class ModelUnderTest:
             if self.timm_model is not None:
                 self.timm_model.to("cpu")
             self.model.to(self.device)
-        if method == COMPILED:
+        self.patch.close()
+        if method in (COMPILED, SDPA_COMPILED):
             torch._dynamo.reset()
         free_memory()
 
@@ -528,7 +563,7 @@ def measure_method(mut: ModelUnderTest, method: str, prec: str, args, plan: Plan
                    peak_bytes=m["peak_bytes"], images_per_s=plan.batch / (median / 1e3),
                    rel_l2_fp32=rel_l2(logits, mut.ref32), top1_fp32=top1(logits, mut.ref32),
                    finite=bool(torch.isfinite(logits).all()), logits=logits)
-        if method == COMPILED:
+        if method in (COMPILED, SDPA_COMPILED):
             row["compile_s"] = m["first_call_s"]
         if method.startswith("FlashBias"):
             row["ranks"] = flash_ranks(flash_bias_runtime, mut.model)
@@ -538,7 +573,7 @@ def measure_method(mut: ModelUnderTest, method: str, prec: str, args, plan: Plan
             row["speedup"] = (median if method == OFFICIAL else ref["ms_median"]) / median
     except Exception as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-        optional = method in (TIMM, COMPILED)
+        optional = method in OPTIONAL
         row["status"] = f"skipped: {reason}" if optional else f"FAILED: {reason}"
         if not optional:
             traceback.print_exc()

@@ -299,3 +299,49 @@ def test_bench_profile_user_errors_and_matmul_tags():
     lines = bench.report({("1", "GEMM"): 49.0, ("head", "other"): 1.0}, gemms, {tags[0]: 8.0, tags[1]: 9.0}, 0.01,
                          "test")
     assert "| (10, 8, 12) | bias | 2 | 10.0 |" in "\n".join(lines) and "| GEMM | 0.049 |" in "\n".join(lines)
+
+
+def test_sdpa_peer_is_the_official_math():
+    """benchmarks/sdpa_peer.py, the peer bench_model --peers times, computes the official SwinV2 attention: in
+    float64, with trained-like weights, shifted windows (the mask path) and unshifted ones, its logits equal the
+    official math's; leaving the shift mask out (what a wrong window order would amount to) is caught; the patch is
+    gone after the block."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch
+    from model_utils import make_model, swin
+    from sdpa_peer import sdpa_attention, sdpa_window_attention
+
+    model = make_model().double()
+    model.set_flash_bias(factors_path=False, fused=False)
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        official = model(x)
+        with sdpa_attention(model, swin.WindowAttention):
+            peer = model(x)
+            assert all("forward" in vars(m) for m in model.modules() if isinstance(m, swin.WindowAttention))
+        assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, swin.WindowAttention))
+        assert ((peer - official).norm() / official.norm()).item() < 1e-12
+
+        for m in model.modules():
+            if isinstance(m, swin.WindowAttention):
+                m.forward = lambda x, mask=None, m=m: sdpa_window_attention(m, x, None)
+        wrong = model(x)
+        for m in model.modules():
+            if isinstance(m, swin.WindowAttention):
+                del m.forward
+        assert ((wrong - official).norm() / official.norm()).item() > 1e-3
+
+
+def test_peer_ratios_pair_flash_bias_with_the_compiled_peer():
+    """The markdown's same-run ratio: the compiled SDPA peer's ms over FlashBias exact's, per model and precision,
+    only where both ran."""
+    bench = _load_script()
+
+    def row(model, prec, method, ms, status="ok"):
+        return {"model": model, "precision": prec, "method": method, "ms_median": ms, "status": status}
+    rows = [row("B", "fp16", bench.SDPA_COMPILED, 41.0), row("B", "fp16", bench.EXACT, 25.0),
+            row("B", "bf16", bench.EXACT, 24.0), row("B", "bf16", bench.SDPA_COMPILED, 0.0, "skipped: no compiler"),
+            row("T", "fp16", bench.EXACT, 4.0)]
+    assert bench.peer_ratios(rows) == ["- B, fp16: 41.00 / 25.00 ms = 1.64×"]
