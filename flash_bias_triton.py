@@ -142,6 +142,16 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _wait_for_previous_grid(DEPENDENT: tl.constexpr):
+        """A program's first step when launched dependent on the grid before it (_dependent_launch): wait until that
+        grid has finished and its writes are visible, then let the next grid's programs be scheduled as this one's
+        retire. Every load and store comes after the wait, so a grid may start before its predecessor ends."""
+        if DEPENDENT:
+            tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+            tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
     def _token_index(t, row0, col0, IMG_H: tl.constexpr, IMG_W: tl.constexpr, WIN_W: tl.constexpr,
                      SHIFT: tl.constexpr):
         """Image position (row * IMG_W + col) of local token t of the window whose top-left corner
@@ -305,7 +315,7 @@ if triton is not None:
                         COSINE: tl.constexpr, STORE_LSE: tl.constexpr, NORMALIZE_KEYS: tl.constexpr,
                         HAS_QV_BIAS: tl.constexpr, WIDEN_DOTS: tl.constexpr, MASK_VALUE: tl.constexpr,
                         MAX_LOGIT_SCALE: tl.constexpr, NORM_EPS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr, DEPENDENT: tl.constexpr):
         """One program: BLOCK_M queries of one window and one head.
 
         A flat grid with the query block fastest, then the head, then the window: programs that run
@@ -324,6 +334,7 @@ if triton is not None:
         HAS_QV_BIAS: the qkv projection's q and v biases (C,) each, left out of its matmul (SwinV2 has no k bias),
         are added here: q's to each query row, rounded to qkv's dtype as the matmul's epilogue rounds it; v's to the
         output, since each row of P sums to 1 (P (v + b) = P v + b)."""
+        _wait_for_previous_grid(DEPENDENT)
         SCALE_COLUMNS: tl.constexpr = COSINE and not NORMALIZE_KEYS
         # the one-hot mask's columns: tl.dot's smallest K; Swin's shifted windows hold ids 0..8
         REGION_COLS: tl.constexpr = 16
@@ -990,6 +1001,7 @@ def _launch(qkv: torch.Tensor, logit_scale: Optional[torch.Tensor], bias: Option
                 STORE_LSE=lse is not None, NORMALIZE_KEYS=normalize_keys or lse is not None,
                 HAS_QV_BIAS=query_bias is not None, WIDEN_DOTS=interpreting and qkv.dtype == torch.bfloat16,
                 MASK_VALUE=MASK_VALUE, MAX_LOGIT_SCALE=MAX_LOGIT_SCALE, NORM_EPS=NORM_EPS)
+    meta.update(_dependent_launch(qkv.device, wrap))
     programs = B * windows * num_heads
 
     if interpreting:
@@ -1241,6 +1253,35 @@ class _BoundLaunches:
             while len(self.launches) > self.MAX_KEYS:
                 self.launches.popitem(last=False)
         return compiled
+
+
+# True: eager launches (and so the CUDA graphs captured from them) are dependent on the grid before them
+# (Programmatic Dependent Launch, compute capability 9 and up): the GPU sets a grid up while its predecessor drains,
+# instead of after it has ended; each kernel starts with _wait_for_previous_grid. Off until measured: it aims at the
+# time between a graph's ~400 nodes (1.46 ms of a 25.38 ms SwinV2-B/384 batch-64 replay on an H100 outside the
+# kernels), but it has not run on a GPU yet; benchmarks/bench_dependent_launch.py measures it on against off.
+DEPENDENT_LAUNCH = False
+
+
+def _dependent_launch(device: torch.device, wrap) -> dict:
+    """The launch options of a kernel that starts with _wait_for_previous_grid: its DEPENDENT constexpr, and
+    Triton's launch_pdl where the launch is dependent. Only eager launches on a GPU that has it are: torch.compile's
+    launcher (wrap) and the interpreter launch as usual."""
+    if DEPENDENT_LAUNCH and wrap is None and device.type == "cuda" and not _interpreting() \
+            and _has_dependent_launch(device.index if device.index is not None else torch.cuda.current_device()):
+        return {"DEPENDENT": True, "launch_pdl": True}
+    return {"DEPENDENT": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _has_dependent_launch(device_index: int) -> bool:
+    """Whether the GPU (compute capability >= 9) and Triton (its launch_pdl option) support dependent launches."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (9, 0) \
+        and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def _hooked(hook) -> bool:
@@ -1495,12 +1536,13 @@ if triton is not None:
                                  C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                                  HAS_RESIDUAL: tl.constexpr, HAS_EARLIER: tl.constexpr, STORE_OUT: tl.constexpr,
                                  HAS_LOW: tl.constexpr, MERGE_H: tl.constexpr, MERGE_W: tl.constexpr,
-                                 HAS_X_BIAS: tl.constexpr, HAS_EARLIER_BIAS: tl.constexpr):
+                                 HAS_X_BIAS: tl.constexpr, HAS_EARLIER_BIAS: tl.constexpr, DEPENDENT: tl.constexpr):
         """ROWS rows of out = res + LayerNorm(x) * w + b (without HAS_RESIDUAL: LayerNorm(x) * w + b, res_ptr
         unread); HAS_EARLIER: res is first replaced by the earlier step's res + LayerNorm(earlier) * w' + b',
         recomputed. HAS_X_BIAS, HAS_EARLIER_BIAS: x, earlier plus a (C,) bias that their matmul left out. Stores
         out (STORE_OUT) and out in the next matmul's dtype (HAS_LOW), which saves autocast a separate cast; with
         MERGE_W, in the patch merging's layout (_low_offsets). Inputs and out (rows, C) contiguous."""
+        _wait_for_previous_grid(DEPENDENT)
         offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < C
@@ -1566,7 +1608,7 @@ def _residual_layer_norm_launch(residual: Optional[torch.Tensor], x: torch.Tenso
         rows, eps, earlier_eps, C=C, BLOCK_C=block_c, ROWS=rows_per_program, HAS_RESIDUAL=residual is not None,
         HAS_EARLIER=earlier is not None, STORE_OUT=store_out, HAS_LOW=low_dtype is not None, MERGE_H=merge_h,
         MERGE_W=merge_w, HAS_X_BIAS=branch_bias is not None, HAS_EARLIER_BIAS=earlier_branch_bias is not None,
-        num_warps=4 if block_c <= 512 else 8)
+        num_warps=4 if block_c <= 512 else 8, **_dependent_launch(x.device, wrap))
     return out, low
 
 
@@ -1707,9 +1749,10 @@ if triton is not None:
 
     @triton.jit
     def _add_layer_norm_fwd(x_ptr, branch_ptr, w_ptr, b_ptr, sum_ptr, normed_ptr, rows, eps,
-                            C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+                            C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, DEPENDENT: tl.constexpr):
         """ROWS rows of s = x + branch and LayerNorm(s) * w + b, statistics in float32. All tensors (rows, C)
         contiguous."""
+        _wait_for_previous_grid(DEPENDENT)
         offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < C
@@ -1745,7 +1788,8 @@ def _add_layer_norm_launch(x: torch.Tensor, branch: torch.Tensor, weight: torch.
     rows_per_program = max(1, min(64, 4096 // block_c))
     grid = (_cdiv(rows, rows_per_program),)
     _launcher(_add_layer_norm_fwd, wrap)[grid](x, branch, weight, bias, total, normed, rows, eps, C=C, BLOCK_C=block_c,
-                              ROWS=rows_per_program, num_warps=4 if block_c <= 512 else 8)
+                              ROWS=rows_per_program, num_warps=4 if block_c <= 512 else 8,
+                              **_dependent_launch(x.device, wrap))
     return total, normed
 
 
@@ -1876,7 +1920,7 @@ if triton is not None:
                         C: tl.constexpr, HID: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_H: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr,
                         MERGE_H: tl.constexpr, MERGE_W: tl.constexpr, HAS_PROJ: tl.constexpr,
-                        TANH_APPROX: tl.constexpr):
+                        TANH_APPROX: tl.constexpr, DEPENDENT: tl.constexpr):
         """BLOCK_M rows of x2 = x1 + norm2(fc2(gelu(fc1(half(x1))))), x1 = x + norm1(attn), rounded where the
         official block under autocast rounds: fc1's output, GELU's (the tanh form in float32, _gelu_tanh), fc2's. The
         (BLOCK_M, HID) hidden features stay on chip: fc2's (BLOCK_M, C) accumulator lives in registers while HID is
@@ -1885,6 +1929,7 @@ if triton is not None:
         STORE_OUT: out stored (else only low); MERGE_H, MERGE_W: low in the patch merging's layout (_low_offsets).
         HAS_PROJ: attn is the attention's output before its projection, which the kernel applies first (wp (C, C),
         bp (C,): half), rounded as the official proj's output."""
+        _wait_for_previous_grid(DEPENDENT)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < C
@@ -1959,7 +2004,7 @@ def _block_tail_launch(x: torch.Tensor, attn: torch.Tensor, norm1_weight: torch.
         norm2_weight, norm2_bias, out, low, rows, eps1, eps2, C=C, HID=HID, BLOCK_C=_next_pow2(C), BLOCK_M=block_m,
         BLOCK_H=block_h, WIDEN=_interpreting() and attn.dtype == torch.bfloat16, STORE_OUT=not merge_w,
         MERGE_H=merge_h, MERGE_W=merge_w, HAS_PROJ=has_proj, TANH_APPROX=BLOCK_TAIL_TANH_APPROX and not _interpreting(),
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **_dependent_launch(x.device, wrap))
     return out, low
 
 
@@ -2051,13 +2096,14 @@ if triton is not None:
                          stride_b, stride_c, stride_h, stride_w,
                          GRID_H: tl.constexpr, GRID_W: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
                          K: tl.constexpr, BLOCK_K: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_M: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr):
+                         BLOCK_M: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr, DEPENDENT: tl.constexpr):
         """BLOCK_M patches of out = LayerNorm(half(half(patch) @ w^T + b)) * nw + nb, rounded where the official
         PatchEmbed under autocast rounds: the pixels as autocast casts the conv's input, the conv's output. img:
         (B, in_chans, GRID_H * PATCH_H, GRID_W * PATCH_W) with any strides; w: (C, K) half, the conv weight as
         (C, in_chans * PATCH_H * PATCH_W); b: (C,) half; nw, nb: (C,) float32. Stores out (rows, C) float32
         (STORE_OUT) and low, out in w's dtype. Patch t is (image t // (GRID_H * GRID_W), row, col) row-major, as
         the official flatten(2).transpose(1, 2) orders them."""
+        _wait_for_previous_grid(DEPENDENT)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < rows
         t = offs_m.to(tl.int64)
@@ -2105,7 +2151,7 @@ def _patch_embed_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         x, weight.contiguous(), bias, norm_weight, norm_bias, out, low, rows, eps, *x.stride(),
         GRID_H=grid_h, GRID_W=grid_w, PATCH_H=patch_h, PATCH_W=patch_w, K=K, BLOCK_K=max(16, _next_pow2(K)), C=C,
         BLOCK_C=max(16, _next_pow2(C)), BLOCK_M=block_m, WIDEN=_interpreting() and weight.dtype == torch.bfloat16,
-        STORE_OUT=store_out, num_warps=warps)
+        STORE_OUT=store_out, num_warps=warps, **_dependent_launch(x.device, wrap))
     return (out if store_out else low), low
 
 
@@ -2216,12 +2262,13 @@ if triton is not None:
                              stride_index_n, stride_index_m, stride_out_l, stride_out_h, stride_out_n,
                              table_rows, sigmoid_scale, COLS: tl.constexpr, HEADS: tl.constexpr,
                              HEADS_PAD: tl.constexpr, LAYERS: tl.constexpr, SIGMOID: tl.constexpr,
-                             CENTER: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                             CENTER: tl.constexpr, BLOCK_COLS: tl.constexpr, DEPENDENT: tl.constexpr):
         """One row of every head's bias of one layer, BLOCK_COLS columns at a time. A column's table entry is read
         for all heads at once (the table row's heads are contiguous), then stored head by head: read head by head,
         each entry cost a memory transaction of its own (SwinV2-B/384 stage 3 on an H100: 215 us for 191 MB).
         Swin V1's centring (CENTER without SIGMOID) takes a first pass over the row for each head's midpoint. COLS: a
         constexpr loop bound, as Triton 3.6's interpreter cannot loop to a runtime int."""
+        _wait_for_previous_grid(DEPENDENT)
         layer = tl.program_id(1)
         row = tl.program_id(0)
         table_ptr = _layer_ptr(table_ptrs, layer, LAYERS)
@@ -2310,7 +2357,7 @@ def _bias_from_table_launch(tables: Sequence[torch.Tensor], indices: Sequence[to
         out.stride(0), out.stride(1), out.stride(2), table.shape[0],
         float(sigmoid_scale if sigmoid_scale is not None else 1.0), COLS=cols, HEADS=num_heads, HEADS_PAD=heads_pad,
         LAYERS=len(tables), SIGMOID=sigmoid_scale is not None, CENTER=center_rows, BLOCK_COLS=block_cols,
-        num_warps=4)
+        num_warps=4, **_dependent_launch(out.device, wrap))
     return out
 
 
@@ -2509,10 +2556,11 @@ if triton is not None:
     def _cpb_table_fwd(coords_ptrs, w0_ptrs, b0_ptrs, w2_ptrs, out_ptr, rows, num_heads,
                        stride_coords, stride_w0, stride_w2, stride_out_l, stride_out_h,
                        LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS_PAD: tl.constexpr, HAS_B0: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DEPENDENT: tl.constexpr):
         """BLOCK_T rows of one layer's relu(coords @ w0^T + b0) @ w2^T; the hidden layer never leaves registers.
         Stored heads first, (H, T) per layer: the bias kernel then gathers one head's entries from 4*T
         contiguous bytes."""
+        _wait_for_previous_grid(DEPENDENT)
         layer = tl.program_id(1)
         coords_ptr = _layer_ptr(coords_ptrs, layer, LAYERS)
         w0_ptr = _layer_ptr(w0_ptrs, layer, LAYERS)
@@ -2553,7 +2601,7 @@ def _cpb_table_launch(coords: Sequence[torch.Tensor], w0: Sequence[torch.Tensor]
         _stacked(coords), _stacked(w0), _stacked(b0), _stacked(w2), out, rows, num_heads,
         coords[0].stride(0), w0[0].stride(0), w2[0].stride(0), out.stride(0), out.stride(1), LAYERS=len(coords),
         HIDDEN=w0[0].shape[0], HEADS_PAD=max(16, _next_pow2(num_heads)), HAS_B0=has_b0, BLOCK_T=block_t,
-        BLOCK_K=CPB_BLOCK_K)
+        BLOCK_K=CPB_BLOCK_K, **_dependent_launch(out.device, wrap))
     return out.transpose(1, 2)
 
 

@@ -57,6 +57,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # sdpa_peer, also when this file is loaded as a module
 from swin_config import (UserError, build_from_args, build_timm_model, config_names, cpu_threads,  # noqa: E402
                          describe_config, pyplot, rank_rule_option, registered_config, rel_l2, run_main,
                          smooth_images)

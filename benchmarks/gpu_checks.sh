@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of a change, in one command on a CUDA machine (what CI, CPU-only, cannot run):
-#   bash benchmarks/gpu_checks.sh tests|speed|compile|official|official_v1 [OUT_DIR]
+#   bash benchmarks/gpu_checks.sh tests|speed|headline|compile|official|official_v1 [OUT_DIR]
 #   tests:    the kernel and model tests with the compiled kernels (TRITON_INTERPRET unset)
 #   speed:    batch sweep (small batches), Swin V1, timm/transformers adapters
+#   headline: SwinV2-B/384 batch 64 fp16 against the official file and the compiled SDPA peer in one run, and
+#             dependent launches on against off
 #   compile:  torch.compile of the drop-in (default and reduce-overhead) against eager and CUDA graphs
 #   official: the official main.py --eval / --throughput / training / --resume, official file vs drop-in,
 #             on timm 1.x through scripts/install.sh --fix-official (needs third_party/Swin-Transformer and
@@ -29,6 +31,11 @@ speed)
     timeout 170 python3 benchmarks/bench_batch_sweep.py --iters 15 --out "$out/batch_sweep.md" 2>&1 | grep "model="
     timeout 220 python3 benchmarks/bench_swin_v1.py --out-dir "$out" 2>&1 | grep -v -i warn | tail -14
     timeout 200 python3 benchmarks/bench_adapters.py --no-qkv --out-dir "$out" 2>&1 | grep -v -i warn | tail -10 ;;
+headline)
+    timeout 330 python3 benchmarks/bench_model.py --models b384 --dtypes fp16 --iters 15 --no-timm --rules '' --peers \
+        --out-dir "$out" 2>&1 | grep -E "official|FlashBias|SDPA|rror" | cut -c1-200
+    grep -A3 "strongest peer" "$out"/model_*.md
+    timeout 200 python3 benchmarks/bench_dependent_launch.py --out "$out/dependent_launch.md" 2>&1 | tail -4 ;;
 compile)
     timeout 560 python3 benchmarks/bench_batch_sweep.py --models b384 --batches 1,8,64 --compile b384 --iters 10 \
         --out "$out/compile_sweep.md" 2>&1 | grep "model=" ;;

@@ -301,13 +301,13 @@ def test_bench_profile_user_errors_and_matmul_tags():
     assert "| (10, 8, 12) | bias | 2 | 10.0 |" in "\n".join(lines) and "| GEMM | 0.049 |" in "\n".join(lines)
 
 
-def test_sdpa_peer_is_the_official_math():
+def test_sdpa_peer_is_the_official_math(monkeypatch):
     """benchmarks/sdpa_peer.py, the peer bench_model --peers times, computes the official SwinV2 attention: in
     float64, with trained-like weights, shifted windows (the mask path) and unshifted ones, its logits equal the
     official math's; leaving the shift mask out (what a wrong window order would amount to) is caught; the patch is
     gone after the block."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tests"))
     import torch
     from model_utils import make_model, swin
     from sdpa_peer import sdpa_attention, sdpa_window_attention
@@ -345,3 +345,14 @@ def test_peer_ratios_pair_flash_bias_with_the_compiled_peer():
             row("B", "bf16", bench.EXACT, 24.0), row("B", "bf16", bench.SDPA_COMPILED, 0.0, "skipped: no compiler"),
             row("T", "fp16", bench.EXACT, 4.0)]
     assert bench.peer_ratios(rows) == ["- B, fp16: 41.00 / 25.00 ms = 1.64×"]
+
+
+def test_bench_dependent_launch_user_errors_exit_2():
+    """It needs CUDA, and says so; an unknown model or dtype and a count below 1 are named."""
+    script = os.path.join(ROOT, "benchmarks", "bench_dependent_launch.py")
+    _, stderr = run_benchmark(expect=2, script=script)
+    assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--model", "b999", expect=2, script=script)
+    assert stderr.startswith("error: unknown --model 'b999' or --dtype 'fp16'") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--iters", "0", expect=2, script=script)
+    assert stderr.startswith("error: --batch, --rounds and --iters must be >= 1")

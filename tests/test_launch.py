@@ -149,8 +149,9 @@ def test_the_interpreter_launches_through_triton():
     assert fb._launcher(fb._residual_layer_norm_fwd, None) is fb._residual_layer_norm_fwd
 
 
-@pytest.mark.skipif(not CUDA, reason="the direct launch runs compiled kernels on CUDA")
-def test_direct_launches_equal_triton_launches_bit_for_bit(monkeypatch):
+def kernel_calls():
+    """A function that launches the attention (two keys), bias, cpb-table and residual + LayerNorm kernels once each
+    on fixed random CUDA inputs and returns their outputs."""
     g = torch.Generator().manual_seed(5)
     H, C, img, win = 4, 128, (48, 48), (24, 24)
     L = img[0] * img[1]
@@ -177,6 +178,12 @@ def test_direct_launches_equal_triton_launches_bit_for_bit(monkeypatch):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):   # the norm's weights need no grad
             normed = [t for branch in branches for t in fb.residual_layer_norm(x, branch, norm)]
         return [bias, table, *outs, *normed]
+    return calls
+
+
+@pytest.mark.skipif(not CUDA, reason="the direct launch runs compiled kernels on CUDA")
+def test_direct_launches_equal_triton_launches_bit_for_bit(monkeypatch):
+    calls = kernel_calls()
 
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 3):
         pytest.skip("Triton < 3.3: every eager launch goes through kernel[grid]")
@@ -194,4 +201,36 @@ def test_direct_launches_equal_triton_launches_bit_for_bit(monkeypatch):
     direct = calls()
     assert keys[0] >= 2 and keys[1] >= 2 and min(keys) >= 1
     for a, b in zip(through_triton, direct):
+        assert torch.equal(a, b)
+
+
+def test_dependent_launch_only_for_eager_gpu_launches(monkeypatch):
+    """Eager launches on a GPU that has Programmatic Dependent Launch are dependent; torch.compile's (wrap), the
+    interpreter's, a CPU tensor's and every launch with DEPENDENT_LAUNCH off are not."""
+    monkeypatch.setattr(fb, "_has_dependent_launch", lambda index: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gpu = torch.device("cuda", 0)
+    assert fb._dependent_launch(gpu, None) == {"DEPENDENT": True, "launch_pdl": True}
+    assert fb._dependent_launch(gpu, torch.library.wrap_triton) == {"DEPENDENT": False}
+    assert fb._dependent_launch(torch.device("cpu"), None) == {"DEPENDENT": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fb._dependent_launch(gpu, None) == {"DEPENDENT": False}
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(fb, "DEPENDENT_LAUNCH", False)
+    assert fb._dependent_launch(gpu, None) == {"DEPENDENT": False}
+
+
+@pytest.mark.skipif(not CUDA, reason="dependent launches run on CUDA")
+def test_dependent_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
+    """On a GPU of compute capability 9 or more the kernels launch dependent (each waits for its predecessor inside);
+    their results are those of ordinary launches, bit for bit."""
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert fb._has_dependent_launch(torch.cuda.current_device()), (
+            f"Triton {triton.__version__} has no launch_pdl option: no dependent launches on this GPU")
+    calls = kernel_calls()
+    monkeypatch.setattr(fb, "DEPENDENT_LAUNCH", False)
+    ordinary = calls()
+    monkeypatch.setattr(fb, "DEPENDENT_LAUNCH", True)
+    dependent = calls()
+    for a, b in zip(ordinary, dependent):
         assert torch.equal(a, b)
