@@ -85,9 +85,10 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=8, help="forwards per round")
     p.add_argument("--out", help="markdown table to write")
     args = p.parse_args(argv)
-    if args.model not in config_names("swinv2") or args.dtype not in DTYPES:
-        raise UserError(f"unknown --model {args.model!r} or --dtype {args.dtype!r}; models: "
-                        f"{', '.join(config_names('swinv2'))}; dtypes: {', '.join(DTYPES)}")
+    if args.model not in config_names("swinv2"):
+        raise UserError(f"unknown --model {args.model!r}; SwinV2 configs: {', '.join(config_names('swinv2'))}")
+    if args.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {args.dtype!r}; dtypes: {', '.join(DTYPES)}")
     if min(args.batch, args.rounds, args.iters) < 1:
         raise UserError("--batch, --rounds and --iters must be >= 1")
     if not torch.cuda.is_available():

@@ -353,6 +353,8 @@ def test_bench_dependent_launch_user_errors_exit_2():
     _, stderr = run_benchmark(expect=2, script=script)
     assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
     _, stderr = run_benchmark("--model", "b999", expect=2, script=script)
-    assert stderr.startswith("error: unknown --model 'b999' or --dtype 'fp16'") and "Traceback" not in stderr
+    assert stderr.startswith("error: unknown --model 'b999'; SwinV2 configs:") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--dtype", "fp8", expect=2, script=script)
+    assert stderr.startswith("error: unknown --dtype 'fp8'; dtypes: fp16, bf16") and "Traceback" not in stderr
     _, stderr = run_benchmark("--iters", "0", expect=2, script=script)
     assert stderr.startswith("error: --batch, --rounds and --iters must be >= 1")
