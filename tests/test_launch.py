@@ -208,6 +208,7 @@ def test_dependent_launch_only_for_eager_gpu_launches(monkeypatch):
     """Eager launches on a GPU that has Programmatic Dependent Launch are dependent; torch.compile's (wrap), the
     interpreter's, a CPU tensor's and every launch with DEPENDENT_LAUNCH off are not."""
     monkeypatch.setattr(fb, "_has_dependent_launch", lambda index: True)
+    monkeypatch.setattr(fb, "DEPENDENT_LAUNCH", True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     gpu = torch.device("cuda", 0)
     assert fb._dependent_launch(gpu, None) == {"DEPENDENT": True, "launch_pdl": True}
