@@ -1702,6 +1702,14 @@ def _check_merge_size(x: torch.Tensor, merge_size, caller: str) -> Tuple[int, in
     return H, W
 
 
+def _non_affine(norm: torch.nn.LayerNorm, caller: str) -> Optional[ValueError]:
+    """The error for the LayerNorm kernels' torch fallback where ``norm`` has no weight or bias, else None."""
+    if norm.weight is None or norm.bias is None:
+        return ValueError(f"{caller}: the Triton kernel needs an affine LayerNorm (weight and bias); "
+                          "use backend='torch'")
+    return None
+
+
 def _residual_layer_norm(residual, x, norm, backend, earlier=None, store_out=True, merge_size=None,
                          branch_bias=None):
     """residual_layer_norm; earlier = (branch, norm', branch's bias or None): the step before this one, whose sum
@@ -1711,10 +1719,7 @@ def _residual_layer_norm(residual, x, norm, backend, earlier=None, store_out=Tru
         raise ValueError(f"residual_layer_norm: residual {None if residual is None else tuple(residual.shape)}, "
                          f"x {tuple(x.shape)} and the norm's shape {tuple(norm.normalized_shape)} do not fit")
     low_dtype = autocast_dtype(x.device.type)
-    unsupported = None
-    if norm.weight is None or norm.bias is None:
-        unsupported = ValueError("residual_layer_norm: the Triton kernel needs an affine LayerNorm (weight and "
-                                 "bias); use backend='torch'")
+    unsupported = _non_affine(norm, "residual_layer_norm")
     tensors = (residual, x, norm.weight, norm.bias, branch_bias) + (
         (earlier[0], earlier[1].weight, earlier[1].bias, earlier[2]) if earlier is not None else ())
     merge_h, merge_w = _check_merge_size(x, merge_size, "residual_layer_norm")
@@ -1817,11 +1822,8 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNo
         raise ValueError(f"add_layer_norm: x {tuple(x.shape)}, branch {tuple(branch.shape)} and the norm's shape "
                          f"{tuple(norm.normalized_shape)} do not fit")
     low_dtype = autocast_dtype(x.device.type)
-    unsupported = None
-    if norm.weight is None or norm.bias is None:
-        unsupported = ValueError("add_layer_norm: the Triton kernel needs an affine LayerNorm (weight and bias); "
-                                 "use backend='torch'")
-    elif torch.float64 in (x.dtype, branch.dtype):
+    unsupported = _non_affine(norm, "add_layer_norm")
+    if unsupported is None and torch.float64 in (x.dtype, branch.dtype):
         unsupported = TypeError("add_layer_norm: the Triton kernel computes in float32; float64 is for "
                                 "backend='torch'")
     tensors = (x, branch, norm.weight, norm.bias)
