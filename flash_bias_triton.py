@@ -1257,9 +1257,10 @@ class _BoundLaunches:
 
 # True: eager launches (and so the CUDA graphs captured from them) are dependent on the grid before them
 # (Programmatic Dependent Launch, compute capability 9 and up): the GPU sets a grid up while its predecessor drains,
-# instead of after it has ended; each kernel starts with _wait_for_previous_grid. Off until measured: it aims at the
-# time between a graph's ~400 nodes (1.46 ms of a 25.38 ms SwinV2-B/384 batch-64 replay on an H100 outside the
-# kernels), but it has not run on a GPU yet; benchmarks/bench_dependent_launch.py measures it on against off.
+# instead of after it has ended; each kernel starts with _wait_for_previous_grid. On an H100 at SwinV2-B/384 batch 64
+# it took 0.8% off a graph replay (26.03 -> 25.82 ms, logits equal bit for bit) and the model tests pass with it; off
+# until one kernel test that failed with it on (tests/test_kernel.py, isolated tokens) has run with it off too
+# (benchmarks/dependent_launch_nvidia-h100-80gb-hbm3.md).
 DEPENDENT_LAUNCH = False
 
 

@@ -334,6 +334,32 @@ def test_sdpa_peer_is_the_official_math(monkeypatch):
         assert ((wrong - official).norm() / official.norm()).item() > 1e-3
 
 
+def test_sdpa_peer_hands_sdpa_its_mask_in_the_compute_dtype(monkeypatch):
+    """Under autocast the peer's attn_mask is in autocast's dtype and contiguous, in shifted and unshifted blocks:
+    a float32 or strided mask kept SDPA on its math path on an H100 (benchmarks/sdpa_peer.py)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tests"))
+    import torch
+    import sdpa_peer
+    from model_utils import make_model, swin
+
+    model = make_model()
+    model.set_flash_bias(factors_path=False, fused=False)
+    masks = []
+    real = sdpa_peer.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append((attn_mask.dtype, attn_mask.is_contiguous()))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa_peer.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            sdpa_peer.sdpa_attention(model, swin.WindowAttention):
+        model(torch.randn(2, 3, 64, 64))
+    assert len(masks) == sum(isinstance(m, swin.WindowAttention) for m in model.modules())
+    assert all(dtype == torch.bfloat16 and contiguous for dtype, contiguous in masks), masks
+
+
 def test_peer_ratios_pair_flash_bias_with_the_compiled_peer():
     """The markdown's same-run ratio: the compiled SDPA peer's ms over FlashBias exact's, per model and precision,
     only where both ran."""
