@@ -150,8 +150,8 @@ def test_the_interpreter_launches_through_triton():
 
 
 def kernel_calls():
-    """A function that launches the attention (two keys), bias, cpb-table and residual + LayerNorm kernels once each
-    on fixed random CUDA inputs and returns their outputs."""
+    """A function that launches the attention (two keys, and windows whose tokens are each their own region), bias,
+    cpb-table and residual + LayerNorm kernels once each on fixed random CUDA inputs and returns their outputs."""
     g = torch.Generator().manual_seed(5)
     H, C, img, win = 4, 128, (48, 48), (24, 24)
     L = img[0] * img[1]
@@ -169,12 +169,18 @@ def kernel_calls():
     branches = (torch.randn(2, 300, C, generator=g).cuda(),
                 torch.randn(1 + 2 * 300 * C, generator=g).cuda()[1:].view(2, 300, C))   # 4-byte misaligned
     region_ids = fb.shifted_window_region_ids(img, win, 12).cuda()
+    # windows of 49 tokens, each its own region (ids spread wider than the one-hot mask's columns), one token zero
+    isolated = torch.randn(4, 49, 3 * 64, generator=g).cuda().half()
+    isolated[:, 3] = 0
+    token_regions = torch.arange(49, dtype=torch.int32).repeat(4, 1).cuda()
+    small_bias = torch.randn(2, 49, 49, generator=g).cuda()
 
     def calls():
         bias = fb.bias_from_table(tables, [index] * 3)
         table = fb.cpb_table([coords] * 2, [w0] * 2, [b0] * 2, [w2] * 2)
         outs = [fb.flash_bias_attention(qkv, H, logit_scale, bias=bias[1].half(), region_ids=region_ids,
                                         image_size=img, window_size=win, shift_size=12) for qkv in qkvs]
+        outs.append(fb.flash_bias_attention(isolated, 2, logit_scale[:2], bias=small_bias, region_ids=token_regions))
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):   # the norm's weights need no grad
             normed = [t for branch in branches for t in fb.residual_layer_norm(x, branch, norm)]
         return [bias, table, *outs, *normed]
