@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from swin_config import UserError, rel_l2, run_main, smooth_images, trained_like_  # noqa: E402  (ROOT on sys.path)
+from swin_config import (UserError, call_ms, rel_l2, run_main, smooth_images,  # noqa: E402  (ROOT on sys.path)
+                         trained_like_)
 import flash_bias_adapters as adapters  # noqa: E402
 
 TIMM_MODEL = "swinv2_base_window12to24_192to384"
@@ -129,19 +130,8 @@ def measure(run: Callable[[], torch.Tensor], device: torch.device, warmup: int, 
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for begin, end in events:
-            begin.record()
-            run()
-            end.record()
-        sync(device)
-        ms, peak = [b.elapsed_time(e) for b, e in events], torch.cuda.max_memory_allocated(device)
-    else:
-        ms, peak = [], None
-        for _ in range(iters):
-            begin = time.perf_counter()
-            run()
-            ms.append((time.perf_counter() - begin) * 1e3)
+    ms = call_ms(run, device, iters)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"logits": run().float(), "first_call_s": first, "ms": ms, "peak_bytes": peak}
 
 

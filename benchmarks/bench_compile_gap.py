@@ -26,8 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from swin_config import (UserError, build_model, load_config, rel_l2, run_main, smooth_images,  # noqa: E402
-                         trained_like_)
+from swin_config import (UserError, build_model, call_ms, load_config, rel_l2, run_main,  # noqa: E402
+                         smooth_images, trained_like_)
 from bench_gelu_epilogue import print_table  # noqa: E402  (this script's folder is on sys.path)
 
 MODES = {"default": {}, "reduce-overhead": {"mode": "reduce-overhead"}, "freezing": {"options": {"freezing": True}}}
@@ -47,15 +47,7 @@ def forward(model, x):
 
 
 def timed_ms(model, x, iters):
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        forward(model, x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(call_ms(lambda: forward(model, x), x.device, iters, sync_each=True))
 
 
 def kernel_ms(model, x, forwards=2):

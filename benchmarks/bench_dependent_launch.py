@@ -19,8 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from swin_config import (UserError, build_model, config_names, load_config, rel_l2, run_main,  # noqa: E402
-                         smooth_images, trained_like_)
+from swin_config import (UserError, build_model, call_ms, config_names, load_config, rel_l2,  # noqa: E402
+                         run_main, smooth_images, trained_like_)
 import flash_bias_triton as fb  # noqa: E402  (swin_config puts the repository root on sys.path)
 from bench_gelu_epilogue import print_table  # noqa: E402
 
@@ -30,16 +30,7 @@ SETTINGS = {"off": False, "on": True}
 
 def ms_per_call(fn, rounds=5, iters=10):
     """Median over rounds of the mean ms of ``iters`` back-to-back calls between CUDA events."""
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+    return statistics.median(call_ms(fn, torch.device("cuda"), rounds, calls=iters, sync_each=True))
 
 
 def timeline(fn, calls=3):

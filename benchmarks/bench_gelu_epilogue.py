@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from swin_config import UserError, run_main  # noqa: E402
+from swin_config import UserError, call_ms, run_main  # noqa: E402
 
 # (tokens, dim, hidden) of fc1 per stage of SwinV2-B/384 at batch 64: 96x96, 48x48, 24x24, 12x12 tokens per image
 FC1_SHAPES = ((589824, 128, 512), (147456, 256, 1024), (36864, 512, 2048), (9216, 1024, 4096))
@@ -29,15 +29,7 @@ def median_ms(fn, iters=30):
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(call_ms(fn, torch.device("cuda"), iters, sync_each=True))
 
 
 def print_table(lines, path=None):

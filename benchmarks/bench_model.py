@@ -58,9 +58,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # sdpa_peer, also when this file is loaded as a module
-from swin_config import (UserError, build_from_args, build_timm_model, config_names, cpu_threads,  # noqa: E402
-                         describe_config, pyplot, rank_rule_option, registered_config, rel_l2, run_main,
-                         smooth_images)
+from swin_config import (UserError, build_from_args, build_timm_model, call_ms, config_names,  # noqa: E402
+                         cpu_threads, describe_config, pyplot, rank_rule_option, registered_config, rel_l2,
+                         run_main, smooth_images)
 import flash_bias_runtime  # noqa: E402  (swin_config puts the repository root on sys.path)
 from sdpa_peer import sdpa_attention  # noqa: E402
 
@@ -132,22 +132,8 @@ def measure(model, x, device, dtype, warmup, iters):
     for _ in range(max(0, warmup - 1)):
         forward(model, x, device, dtype)
     sync(device)
-    ms = []
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            forward(model, x, device, dtype)
-            end.record()
-        sync(device)
-        ms = [start.elapsed_time(end) for start, end in events]
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            forward(model, x, device, dtype)
-            ms.append((time.perf_counter() - t) * 1e3)
-        peak = None
+    ms = call_ms(lambda: forward(model, x, device, dtype), device, iters)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return logits, {"first_call_s": first_call_s, "ms": ms, "peak_bytes": peak}
 
 

@@ -32,8 +32,8 @@ from torch.overrides import TorchFunctionMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "scripts"), HERE]
-from swin_config import (UserError, build_model, config_names, load_config, run_main, smooth_images,  # noqa: E402
-                         trained_like_)
+from swin_config import (UserError, build_model, call_ms, config_names, load_config, run_main,  # noqa: E402
+                         smooth_images, trained_like_)
 from bench_model import KERNEL_PARTS  # noqa: E402
 
 FLOOR_TFLOPS = 700.0   # dense float16 matmuls at cuBLAS's best on an H100 (fc2 of SwinV2-B/384 stage 3: ~670)
@@ -144,16 +144,7 @@ def cublas_alone(M, K, N, epilogue, dtype):
             return F.linear(x, w, b if epilogue == "bias" else None)
     for _ in range(3):
         call()
-    times = []
-    for _ in range(ROUNDS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(REPS):
-            call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / REPS)
-    return statistics.median(times)
+    return statistics.median(call_ms(call, x.device, ROUNDS, calls=REPS, sync_each=True)) * 1000
 
 
 def attention_flops(cfg, batch):

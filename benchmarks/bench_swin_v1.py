@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 import swin_config  # noqa: E402
 import swin_transformer as v1  # noqa: E402
-from swin_config import SWIN_V1_CONFIGS, UserError, rel_l2, run_main, smooth_images  # noqa: E402
+from swin_config import SWIN_V1_CONFIGS, UserError, call_ms, rel_l2, run_main, smooth_images  # noqa: E402
 
 DEFAULT_MODELS = "swin_b_384:64,swin_t_224:128"
 DEFAULT_OFFICIAL = os.path.join(ROOT, "third_party", "Swin-Transformer", "models", "swin_transformer.py")
@@ -120,19 +120,7 @@ def measure(model, x, dtype, warmup: int, iters: int) -> dict:
     for _ in range(max(0, warmup - 1)):
         forward(model, x, dtype)
     sync(device)
-    ms = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            forward(model, x, dtype)
-            end.record()
-            sync(device)
-            ms.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            forward(model, x, dtype)
-            ms.append((time.perf_counter() - t) * 1e3)
+    ms = call_ms(lambda: forward(model, x, dtype), device, iters, sync_each=True)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"logits": logits, "first_call_s": first_call_s, "ms": ms, "peak_bytes": peak}
 

@@ -20,14 +20,13 @@ import argparse
 import copy
 import os
 import statistics
-import time
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from swin_config import (UserError, add_model_args, model_from_args, rank_rule_option, rel_l2, run_main,
-                         smooth_images)
+                         smooth_images, timed_call)
 import flash_bias_factors as fbf  # noqa: E402  (swin_config puts the repository root on sys.path)
 import flash_bias_runtime as runtime  # noqa: E402
 
@@ -149,26 +148,7 @@ def plan_modes(args, model) -> List[Tuple[str, torch.nn.Module, Optional[dict]]]
     return modes
 
 
-class Timer:
-    """Per-call ms: CUDA events on a GPU, wall clock on the CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize()
-            return out, start.elapsed_time(end)
-        t0 = time.perf_counter()
-        out = fn()
-        return out, (time.perf_counter() - t0) * 1e3
-
-
-def run_mode(model, batches, device, autocast, timer, iters, warmup, label):
+def run_mode(model, batches, device, autocast, iters, warmup, label):
     """(logits of every batch (float32 CPU), median ms per batch, peak MiB or None)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -182,7 +162,7 @@ def run_mode(model, batches, device, autocast, timer, iters, warmup, label):
                 forward(x)
             out = None
             for _ in range(iters if len(batches) == 1 else 1):
-                out, ms = timer(lambda: forward(x))
+                out, ms = timed_call(lambda: forward(x), device)
                 times.append(ms)
             logits.append(out.float().cpu())
             if len(batches) > 1:
@@ -245,12 +225,12 @@ def main(argv=None) -> int:
         batches = [b.pin_memory() for b in batches]
     print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if on_gpu else ''}, batch {batch}, "
           f"{'float16 autocast' if on_gpu else 'float32'}, {len(batches)} batch(es)", flush=True)
-    timer, rows, reference = Timer(device), [], None
+    rows, reference = [], None
     for label, runner, settings in modes:
         if settings is not None:
             runner.set_flash_bias(**settings)
         print(f"running {label} ...", flush=True)
-        logits, ms, peak = run_mode(runner, batches, device, on_gpu, timer, iters, 3 if on_gpu else 2, label)
+        logits, ms, peak = run_mode(runner, batches, device, on_gpu, iters, 3 if on_gpu else 2, label)
         reference = logits if reference is None else reference
         if "low-rank" in label:
             print(low_rank_summary(runner), flush=True)

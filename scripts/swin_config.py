@@ -16,7 +16,8 @@
 * Trained-like weights: :func:`trained_like_` gives a randomly initialised model the weight statistics
   of a trained one (SwinV2 zero-initialises the post-norm scales, which would hide attention entirely);
   :func:`trained_like_bias` is one such layer's relative-position bias.
-* Measuring: :func:`smooth_images`, :func:`rel_l2`, :func:`cpu_threads`, :func:`pyplot`.
+* Measuring: :func:`smooth_images`, :func:`rel_l2`, :func:`cpu_threads`, :func:`pyplot`; :func:`call_ms`
+  and :func:`timed_call`, the benchmarks' and the demo's one way of timing calls (CUDA events on a GPU).
 * Output folders: :func:`replaced_folder` writes a whole folder or nothing.
 
 User errors raise :class:`UserError`; scripts print its message and exit with status 2 (:func:`run_main`).
@@ -29,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -643,6 +645,44 @@ def smooth_images(batch: int, img_size: int, seed: int = 0, channels: int = 3) -
     coarse = torch.randn(batch, channels, 8, 8, generator=gen)
     x = torch.nn.functional.interpolate(coarse, size=(img_size, img_size), mode="bicubic", align_corners=False)
     return x + 0.1 * torch.randn(x.shape, generator=gen)
+
+
+def call_ms(fn: Callable[[], object], device: torch.device, samples: int, calls: int = 1,
+            sync_each: bool = False) -> List[float]:
+    """Milliseconds per call of ``fn``, one value for each of ``samples`` samples of ``calls`` back-to-back calls.
+
+    On CUDA an event pair brackets each sample. ``sync_each``: the host waits for each sample's end before starting
+    the next, so each starts on an idle GPU; otherwise the samples are queued back to back and one synchronisation
+    follows (the GPU never waits for the host between them). On the CPU: the wall clock around each sample. No
+    warm-up: the caller runs that first."""
+    cuda = torch.device(device).type == "cuda"
+    if not cuda:
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) * 1e3 / calls)
+        return times
+    events = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        if sync_each:
+            end.synchronize()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / calls for start, end in events]
+
+
+def timed_call(fn: Callable[[], object], device: torch.device) -> Tuple[object, float]:
+    """(fn's result, its milliseconds): CUDA events and a synchronisation on a GPU, the wall clock on the CPU."""
+    result = []
+    ms = call_ms(lambda: result.append(fn()), device, 1, sync_each=True)[0]
+    return result[0], ms
 
 
 def pyplot():

@@ -52,6 +52,17 @@ def images(n: int = 4, size: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def assert_no_graph_replay_without_cuda(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Without CUDA a drop-in model's graph replay declines every call (the eager forward runs, same result each time)
+    and keeps no graph."""
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(3):
+            assert model.flash_bias_settings.replay(model, x) is None
+            assert torch.equal(model(x), expected)
+    assert not model.flash_bias_settings.graphs.entries
+
+
 class TracedOps:
     """A torch.compile backend that keeps, for each graph Dynamo hands it, the targets of its calls (as strings), and
     runs the graph as traced."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flash_bias_runtime as runtime
-from model_utils import MINI, FakeCapture, TracedOps, images, make_model
+from model_utils import MINI, FakeCapture, TracedOps, assert_no_graph_replay_without_cuda, images, make_model
 
 
 def make(seed=0):
@@ -17,14 +17,7 @@ def make(seed=0):
 
 
 def test_no_graphs_without_cuda():
-    model = make_model(MINI)
-    x = images(2, 32)
-    with torch.no_grad():
-        expected = model(x)
-        for _ in range(3):
-            assert model.flash_bias_settings.replay(model, x) is None
-            assert torch.equal(model(x), expected)
-    assert not model.flash_bias_settings.graphs.entries
+    assert_no_graph_replay_without_cuda(make_model(MINI), images(2, 32))
 
 
 def test_capture_on_second_sight_then_replay():

@@ -129,3 +129,52 @@ def test_replaced_folder(tmp_path, capsys):
     with pytest.raises(swin_config.UserError, match=r"--dest .*other is a folder with other files \(no marker\)"):
         with swin_config.replaced_folder(str(tmp_path / "other"), "marker", option="--dest"):
             pass
+
+
+class _FakeClock:
+    """A clock that only the timed function moves: each call advances it by ``step``."""
+
+    def __init__(self, step):
+        self.now, self.step, self.event_syncs, self.device_syncs = 0.0, step, 0, 0
+
+    def tick(self):
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize("sync_each", [False, True])
+def test_call_ms_divides_each_sample_by_its_calls_with_cuda_events(monkeypatch, sync_each):
+    """call_ms on CUDA (events faked): one value per sample, the sample's elapsed time over its calls; the host waits
+    for each sample only with sync_each, and synchronises once at the end."""
+    clock = _FakeClock(step=2.5)
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = clock.now
+
+        def synchronize(self):
+            clock.event_syncs += 1
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: setattr(clock, "device_syncs", clock.device_syncs + 1))
+    ms = swin_config.call_ms(clock.tick, torch.device("cuda"), samples=3, calls=4, sync_each=sync_each)
+    assert ms == [2.5, 2.5, 2.5]
+    assert clock.now == 3 * 4 * 2.5
+    assert clock.event_syncs == (3 if sync_each else 0) and clock.device_syncs == 1
+
+
+def test_call_ms_and_timed_call_on_the_cpu(monkeypatch):
+    """On the CPU the wall clock brackets each sample (perf_counter in seconds, results in ms); timed_call gives
+    the function's result with its time."""
+    clock = _FakeClock(step=0.002)
+    monkeypatch.setattr(swin_config.time, "perf_counter", lambda: clock.now)
+    assert swin_config.call_ms(clock.tick, torch.device("cpu"), samples=2, calls=5) == pytest.approx([2.0, 2.0])
+    result, ms = swin_config.timed_call(lambda: (clock.tick(), "logits")[1], torch.device("cpu"))
+    assert result == "logits" and ms == pytest.approx(2.0)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_utils import ROOT, images, rel_l2
+from model_utils import ROOT, assert_no_graph_replay_without_cuda, images, rel_l2
 import flash_bias_factors as fbf
 import flash_bias_runtime as runtime
 import flash_bias_triton as fb
@@ -467,14 +467,8 @@ def test_factor_files_of_the_other_model_family_are_refused(tmp_path):
 
 def test_cuda_graphs_need_cuda():
     model = make_model(MINI)
-    x = images(2, 32)
-    with torch.no_grad():
-        expected = model(x)
-        for _ in range(3):
-            assert model.flash_bias_settings.replay(model, x) is None
-            assert torch.equal(model(x), expected)
+    assert_no_graph_replay_without_cuda(model, images(2, 32))
     assert model.flash_bias_settings.resolved and model.flash_bias_settings.cuda_graphs
-    assert not model.flash_bias_settings.graphs.entries
 
 
 def test_cuda_graph_cache_with_a_fake_capture():
