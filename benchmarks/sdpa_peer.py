@@ -48,9 +48,9 @@ def _compute_dtype(q):
 
     The mask goes in that dtype, contiguous. Under float16 autocast F.normalize hands back float32 q and k (its norm
     runs in float32), and the bias was float32 with the permuted (heads, N, N) strides of the table lookup; given
-    so, SDPA left its fused kernels for the math path on an H100: the eager peer at SwinV2-B/384 batch 64 took 256
+    so, SDPA ran at its math path's speed and memory on an H100: the eager peer at SwinV2-B/384 batch 64 took 256
     against 84 ms a batch, 16.0 against 3.7 GB, and compiled 154 against 40 ms (2026-12-07,
-    benchmarks/model_peers_nvidia-h100-80gb-hbm3.md; which of the two, dtype or strides, kept it off was not
+    benchmarks/model_peers_nvidia-h100-80gb-hbm3.md; which of the two, dtype or strides, caused it was not
     separated)."""
     device = q.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype

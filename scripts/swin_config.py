@@ -653,7 +653,7 @@ def call_ms(fn: Callable[[], object], device: torch.device, samples: int, calls:
 
     On CUDA an event pair brackets each sample. ``sync_each``: the host waits for each sample's end before starting
     the next, so each starts on an idle GPU; otherwise the samples are queued back to back and one synchronisation
-    follows (the GPU never waits for the host between them). On the CPU: the wall clock around each sample. No
+    follows (the host does not wait between samples). On the CPU: the wall clock around each sample. No
     warm-up: the caller runs that first."""
     cuda = torch.device(device).type == "cuda"
     if not cuda:

@@ -336,7 +336,7 @@ def test_sdpa_peer_is_the_official_math(monkeypatch):
 
 def test_sdpa_peer_hands_sdpa_its_mask_in_the_compute_dtype(monkeypatch):
     """Under autocast the peer's attn_mask is in autocast's dtype and contiguous, in shifted and unshifted blocks:
-    a float32 or strided mask kept SDPA on its math path on an H100 (benchmarks/sdpa_peer.py)."""
+    with a float32, strided mask SDPA ran at its math path's speed and memory on an H100 (benchmarks/sdpa_peer.py)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tests"))
     import torch
