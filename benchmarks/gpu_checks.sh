@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of a change, in one command on a CUDA machine (what CI, CPU-only, cannot run):
-#   bash benchmarks/gpu_checks.sh tests|speed|headline|compile|official|official_v1 [OUT_DIR]
+#   bash benchmarks/gpu_checks.sh tests|dependent_off|dependent_on|speed|headline|compile|official|official_v1 [OUT_DIR]
 #   tests:    the kernel and model tests with the compiled kernels (TRITON_INTERPRET unset)
+#   dependent_off, dependent_on: whether dependent launches can be the default (each ~7 minutes): the launch
+#             tests (dependent against ordinary launches, bit for bit) and the kernel tests with them off; then
+#             the kernel tests with them on (FLASHBIAS_TEST_DEPENDENT_LAUNCH=1, see tests/conftest.py)
 #   speed:    batch sweep (small batches), Swin V1, timm/transformers adapters
 #   headline: SwinV2-B/384 batch 64 fp16 against the official file and the compiled SDPA peer in one run, and
 #             dependent launches on against off
@@ -27,6 +30,16 @@ tests)
     timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_model_gpu.py tests/test_swin_v1_gpu.py \
         tests/test_cuda_graphs.py tests/test_adapters.py tests/test_export.py tests/test_kernel.py 2>&1 \
         | tee "$out/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -25 ;;
+dependent_off|dependent_on)
+    setting=0
+    if [ "$what" = dependent_on ]; then
+        setting=1
+    else
+        timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_launch.py 2>&1 | tee "$out/launch_tests.log" \
+            | grep -E "passed|failed|FAILED|^E " | tail -8
+    fi
+    FLASHBIAS_TEST_DEPENDENT_LAUNCH=$setting timeout 480 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/test_kernel.py 2>&1 | tee "$out/kernel_tests_$what.log" | grep -E "passed|failed|FAILED|^E " | tail -12 ;;
 speed)
     timeout 170 python3 benchmarks/bench_batch_sweep.py --iters 15 --out "$out/batch_sweep.md" 2>&1 | grep "model="
     timeout 220 python3 benchmarks/bench_swin_v1.py --out-dir "$out" 2>&1 | grep -v -i warn | tail -14

@@ -227,6 +227,17 @@ def test_dependent_launch_only_for_eager_gpu_launches(monkeypatch):
     assert fb._dependent_launch(gpu, None) == {"DEPENDENT": False}
 
 
+def test_the_test_session_can_run_with_dependent_launches(monkeypatch):
+    """FLASHBIAS_TEST_DEPENDENT_LAUNCH=1 turns the flag on for a test session (benchmarks/gpu_checks.sh
+    dependent_on); any other value leaves the default."""
+    import conftest
+    monkeypatch.setattr(fb, "DEPENDENT_LAUNCH", False)
+    conftest.apply_test_settings({"FLASHBIAS_TEST_DEPENDENT_LAUNCH": "0"})
+    assert fb.DEPENDENT_LAUNCH is False
+    conftest.apply_test_settings({"FLASHBIAS_TEST_DEPENDENT_LAUNCH": "1"})
+    assert fb.DEPENDENT_LAUNCH is True
+
+
 @pytest.mark.skipif(not CUDA, reason="dependent launches run on CUDA")
 def test_dependent_launches_equal_ordinary_launches_bit_for_bit(monkeypatch):
     """On a GPU of compute capability 9 or more the kernels launch dependent (each waits for its predecessor inside);
