@@ -436,12 +436,15 @@ def make_plan(args) -> Plan:
     cpu = args.tiny or not torch.cuda.is_available()
     if cpu and not args.tiny:
         log("no CUDA device: running the CPU smoke test (fp32, wall-clock timing)")
-    models = [CPU_MODEL] if cpu else [m.strip() for m in args.models.split(",") if m.strip()]
-    dtypes = ["fp32"] if cpu else [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    # checked also where the CPU smoke test replaces them, so that a misspelt name is never silently ignored
     bad = [m for m in models if m not in config_names("swinv2")] + [d for d in dtypes if d not in DTYPES]
     if bad or not models or not dtypes:
         raise UserError(f"unknown or missing --models/--dtypes {bad}; models: {', '.join(config_names('swinv2'))}, "
                         f"dtypes: {', '.join(DTYPES)}")
+    if cpu:
+        models, dtypes = [CPU_MODEL], ["fp32"]
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     for rule in rules:
         rank_rule_option("--rules", rule)

@@ -384,3 +384,12 @@ def test_bench_dependent_launch_user_errors_exit_2():
     assert stderr.startswith("error: unknown --dtype 'fp8'; dtypes: fp16, bf16") and "Traceback" not in stderr
     _, stderr = run_benchmark("--iters", "0", expect=2, script=script)
     assert stderr.startswith("error: --batch, --rounds and --iters must be >= 1")
+
+
+def test_unknown_model_names_are_refused_also_for_the_cpu_smoke_test():
+    """On a CPU the smoke test replaces --models with its tiny config; a misspelt name is still an error, not
+    silently ignored."""
+    bench = _load_script()
+    with pytest.raises(bench.UserError, match=r"unknown or missing --models/--dtypes \['b385'\]"):
+        bench.make_plan(bench.parse_args(["--models", "b385", "--tiny"]))
+    assert bench.make_plan(bench.parse_args(["--models", "b384", "--tiny"])).models == [bench.CPU_MODEL]
