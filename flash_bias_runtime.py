@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 
 try:  # inside the official `models` package, or as top-level modules
-    from .flash_bias_triton import autocast_dtype, tracing_or_exporting
+    from .flash_bias_triton import GraphInput, autocast_dtype, tracing_or_exporting
     from . import flash_bias_factors as factor_files
 except ImportError:
-    from flash_bias_triton import autocast_dtype, tracing_or_exporting
+    from flash_bias_triton import GraphInput, autocast_dtype, tracing_or_exporting
     import flash_bias_factors as factor_files
 
 __all__ = ["LayerBias", "FlashBiasSettings", "ForwardGraphs", "WeightStamp", "bias_checksum", "configure",
@@ -143,6 +143,8 @@ class LayerBias:
         the kernel two launches for all where each layer would take two. None for layers that derive their own in
         operands: low-rank factors, gradients. Under torch.compile the two launches are two opaque ops (their kernels
         take a tuple of pointers, which Inductor cannot launch itself)."""
+        if layers:
+            stage_begins(layers[0])   # the weight copies of a stage refreshed beside the forward: wait for them
         exact = [a for a in layers if not a.flash_bias.low_rank and not LayerBias.wants_training_bias(a)]
         if len(exact) < 2 or not hasattr(type(exact[0]), "derive_biases"):
             return [None] * len(layers)
@@ -370,14 +372,23 @@ def configure(model, rank_rule=None, factors_path=None, fused=None, cuda_graphs=
             attn.fused_attn = bool(fused)
 
 
+# True: a graph reads its input where the caller's tensor lies, where it can (_Graph.check_input_in_place), instead of
+# a copy into its buffer before each replay. Off until it has run on a GPU (built in a session without one); the
+# copy it saves took 0.08 ms of a 26 ms SwinV2-B/384 batch-64 forward on an H100
+# (benchmarks/dependent_launch_nvidia-h100-80gb-hbm3.md, "input copy").
+READ_INPUT_IN_PLACE = False
+
+
 class ForwardGraphs:
     """FlashBias: a model's fused forward captured in CUDA graphs and replayed: one launch instead of ~500 whose
     host time, not the GPU, bounded small batches.
 
     One graph per (input shape, dtype, device, autocast state), captured the second time that key is seen (a
     one-off shape, such as an eval loop's partial last batch, runs eagerly and costs no graph memory); at most
-    MAX_GRAPHS, the least recently used dropped. All share one memory pool. The input is copied into the graph's
-    buffer and the output cloned out, so a result the caller keeps is never overwritten by a later replay.
+    MAX_GRAPHS, the least recently used dropped. All share one memory pool. The input is read where it lies where
+    the graph allows (_Graph.check_input_in_place: the drop-ins' patch embedding reads it at an address in device
+    memory, see flash_bias_triton.GraphInput), else copied into the graph's buffer; the output is cloned out, so a
+    result the caller keeps is never overwritten by a later replay.
 
     The graphs read every parameter and buffer where it was at capture: when any gets new storage (.to(),
     .half(), a reassigned Parameter, load_state_dict(assign=True)) all graphs are dropped. In-place updates need
@@ -390,8 +401,7 @@ class ForwardGraphs:
 
     def __init__(self, capture=None):
         self.capture = capture or _capture_cuda_graph  # tests give a fake
-        # key -> (replay, static input, static output, the weight copies the graph reads: kept alive with it)
-        self.entries = collections.OrderedDict()
+        self.entries = collections.OrderedDict()  # key -> _Graph
         self.seen = collections.OrderedDict()  # keys seen once, not captured yet
         self.tensors, self.tensors_version = [], None  # the model's parameters and buffers, gathered once
         self.storage = None
@@ -412,14 +422,13 @@ class ForwardGraphs:
                 return None
             entry = self._capture(model, x, key)
         self.entries.move_to_end(key)
-        replay, static_input, static_output, _ = entry
-        static_input.copy_(x)
+        entry.take_input(x)
         self.in_forward = True   # a graph runs no Python; a test's fake replay runs the forward again, plainly
         try:
-            replay()
+            entry.replay()
         finally:
             self.in_forward = False
-        return static_output.clone()
+        return entry.static_output.clone()
 
     def run_eagerly(self, model, x):
         """model(x) run eagerly with its Linear layers holding the weight copies of the autocast dtype (refreshed from
@@ -434,8 +443,7 @@ class ForwardGraphs:
         weights = self._weight_copies(model, dtype)
         self.in_forward = True   # the forward below comes back through replay: there it runs plainly
         try:
-            with _swapped_in(weights):
-                weights.refresh()
+            with weights.held():
                 return model.forward(x)   # not model(x): the model's hooks run once, around the call that replays
         finally:
             self.in_forward = False
@@ -462,30 +470,78 @@ class ForwardGraphs:
     def _capture(self, model, x, key):
         while len(self.entries) >= self.MAX_GRAPHS:
             self.entries.popitem(last=False)
-        static_input = x.clone()
+        graph_input = GraphInput(x.clone())
         enabled, dtype, _ = key[-1]
         weights = None
         if enabled and isinstance(model, nn.Module):   # a drop-in (the adapters' targets keep autocast's casts)
             weights = self._weight_copies(model, dtype)
+
+        def forward():   # the weight copies refreshed in every replay; not model(x): hooks run around the replay
+            with graph_input.reading_at_address() if READ_INPUT_IN_PLACE else contextlib.nullcontext(), \
+                    weights.held() if weights is not None else contextlib.nullcontext():
+                return model.forward(graph_input.tensor)
         self.in_forward = True
         try:
             # autocast's weight-cast cache would hand the graph casts made outside it: cast inside, every replay
-            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False), _swapped_in(weights):
-                replay, static_output, self.pool = self.capture(lambda: _refreshed(weights, model)(static_input),
-                                                                self.pool)
+            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                replay, static_output, self.pool = self.capture(forward, self.pool)
+            entry = _Graph(replay, graph_input, static_output, weights)
+            entry.check_input_in_place(x)
         finally:
             self.in_forward = False
-        self.entries[key] = (replay, static_input, static_output, weights)
+        self.entries[key] = entry
         self.seen.pop(key, None)
-        return self.entries[key]
+        return entry
+
+
+class _Graph:
+    """FlashBias: one forward captured by ForwardGraphs: its replay, its input (a GraphInput: the graph's buffer, and
+    the address a kernel of the graph may read it at), its output, and the weight copies it reads (kept alive with
+    it). in_place: whether replays read the caller's tensor where it lies (check_input_in_place decides, once)."""
+
+    def __init__(self, replay, graph_input, static_output, weights):
+        self.replay, self.graph_input, self.static_output, self.weights = replay, graph_input, static_output, weights
+        self.in_place = False
+
+    def check_input_in_place(self, x):
+        """Let replays read their input where it lies only if the capture's patch embedding read the buffer at the
+        address and a replay doing so, with the buffer poisoned with NaN, gives the bits of a replay of the buffer
+        (which still holds x): then no other node of the graph reads the buffer. Two replays, once per graph."""
+        graph_input = self.graph_input
+        if not (graph_input.read_at_address and x.is_floating_point() and graph_input.fits(x)):
+            return
+        self.replay()
+        expected = self.static_output.clone()
+        graph_input.tensor.fill_(float("nan"))
+        graph_input.point_at(x)
+        self.replay()
+        self.in_place = torch.equal(self.static_output, expected)
+        if not self.in_place:
+            graph_input.tensor.copy_(x)
+            graph_input.point_at(graph_input.tensor)
+
+    def take_input(self, x):
+        """Make the next replay read x: at its address where the graph may, else copied into the graph's buffer."""
+        graph_input = self.graph_input
+        if self.in_place and graph_input.fits(x):
+            graph_input.point_at(x)
+            return
+        graph_input.tensor.copy_(x)
+        if self.in_place:
+            graph_input.point_at(graph_input.tensor)
 
 
 class _LinearWeightCopies:
-    """FlashBias: a model's nn.Linear weights and biases in the autocast dtype, for its CUDA graphs. Each replay
-    first copies every parameter into them in one multi-tensor launch, replacing the ~150 casts autocast makes one
-    by one (SwinV2-B/384); during the capture the layers hold the copies in place of their parameters, so autocast
-    finds nothing to cast. Made from the parameters inside every replay, they are never stale. The weights the
-    relative-position bias is derived from (bias_weights) keep float32."""
+    """FlashBias: a model's nn.Linear weights and biases in the autocast dtype, for its CUDA graphs and eager
+    forwards. Each forward first copies every parameter into them in one multi-tensor launch, replacing the ~150 casts
+    autocast makes one by one (SwinV2-B/384); during the forward the layers hold the copies in place of their
+    parameters (held), so autocast finds nothing to cast. Made from the parameters inside every replay, they are
+    never stale. The weights the relative-position bias is derived from (bias_weights) keep float32.
+
+    REFRESH_BESIDE: the later stages' copies (of model.layers[1:]) are refreshed on a second stream while the first
+    stage runs; each stage waits for its own at its start (stage_begins, from LayerBias.stage_biases, the first call
+    of every fused stage) and only then do its layers hold them. A stage that never reports its start (not fused)
+    keeps its parameters, and autocast's casts."""
 
     def __init__(self, model, dtype):
         keep = {id(t) for _, attn in window_attention_layers(model) for t in attn.bias_weights().values()}
@@ -493,32 +549,95 @@ class _LinearWeightCopies:
                       for name, p in m.named_parameters(recurse=False)
                       if p.dtype == torch.float32 and id(p) not in keep]
         self.copies = [torch.empty_like(p, dtype=dtype) for _, _, p in self.slots]
+        self.stage_of_slot, self.stage_of_attn = _stages(_unwrap(model), [m for m, _, _ in self.slots])
+        self.side_stream = None
+        self.pending = {}   # during a forward refreshed beside: {stage: (its slots, the event its refresh records)}
 
-    def refresh(self):
-        if self.copies:
-            torch._foreach_copy_(self.copies, [p for _, _, p in self.slots])
+    def refresh(self, slots=None):
+        """Copy the parameters of the given slots (default all) into their copies, in one multi-tensor launch."""
+        if slots is None:
+            if self.copies:
+                torch._foreach_copy_(self.copies, [p for _, _, p in self.slots])
+        elif slots:
+            torch._foreach_copy_([self.copies[i] for i in slots], [self.slots[i][2] for i in slots])
+
+    @contextlib.contextmanager
+    def held(self):
+        """The layers hold the copies, refreshed first, for one forward; their parameters, untouched, are put back
+        after it."""
+        beside = REFRESH_BESIDE and any(self.stage_of_slot)
+        now = [i for i, stage in enumerate(self.stage_of_slot) if stage == 0] if beside else None
+        try:
+            self._hold(now)
+            self.refresh(now)
+            if beside:
+                self._refresh_later_stages()
+                _held_beside[0] = self
+            yield
+        finally:
+            if beside:
+                _held_beside[0] = None
+                self.pending = {}
+                if self.side_stream is not None:   # a capture needs its streams joined; eager, later writes wait
+                    torch.cuda.current_stream().wait_stream(self.side_stream)
+            for module, name, param in self.slots:
+                module._parameters[name] = param
+
+    def _hold(self, slots=None):
+        for i in range(len(self.slots)) if slots is None else slots:
+            module, name, _ = self.slots[i]
+            module._parameters[name] = self.copies[i]
+
+    def _refresh_later_stages(self):
+        """Each later stage's copies refreshed on the side stream, an event recorded after each (CPU: in order)."""
+        cuda = self.copies[0].is_cuda
+        if cuda:
+            if self.side_stream is None:
+                self.side_stream = torch.cuda.Stream(self.copies[0].device)
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+        for stage in sorted(set(self.stage_of_slot) - {0}):
+            slots = [i for i, s in enumerate(self.stage_of_slot) if s == stage]
+            event = torch.cuda.Event() if cuda else None
+            with torch.cuda.stream(self.side_stream) if cuda else contextlib.nullcontext():
+                self.refresh(slots)
+                if cuda:
+                    event.record()
+            self.pending[stage] = (slots, event)
+
+    def stage_begins(self, first_attn):
+        """The stage of first_attn (its first attention layer) is about to run: wait for its copies, then hold them."""
+        slots, event = self.pending.pop(self.stage_of_attn.get(id(first_attn)), ((), None))
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+        self._hold(slots)
 
 
-@contextlib.contextmanager
-def _swapped_in(weights):
-    """The layers hold the copies (their parameters themselves are untouched and put back)."""
-    pairs = list(zip(weights.slots, weights.copies)) if weights is not None else []
-    try:
-        for (module, name, _), copy in pairs:
-            module._parameters[name] = copy
-        yield
-    finally:
-        for (module, name, param), _ in pairs:
-            module._parameters[name] = param
+def _stages(model, modules):
+    """([the stage of each module: i where it is in model.layers[i] (a ModuleList), else 0], {id(first attention layer
+    of stage i): i})."""
+    stages = getattr(model, "layers", None)
+    if not isinstance(stages, nn.ModuleList):
+        return [0] * len(modules), {}
+    stage_of = {id(m): i for i, stage in enumerate(stages) for m in stage.modules()}
+    first_attn = {}
+    for _, attn in window_attention_layers(model):
+        first_attn.setdefault(stage_of.get(id(attn)), attn)
+    return [stage_of.get(id(m), 0) for m in modules], {id(a): i for i, a in first_attn.items() if i is not None}
 
 
-def _refreshed(weights, model):
-    """model, its weight copies refreshed first at every call (and so at every replay of a graph of it)."""
-    def forward(x):
-        if weights is not None:
-            weights.refresh()
-        return model.forward(x)   # not model(x): the model's hooks run once, around the call that replays
-    return forward
+# True: the weight copies of a model's later stages are refreshed on a second stream beside its first stage (see
+# _LinearWeightCopies). Off until measured on a GPU (built in a session without one): the refresh took 0.20 ms of a
+# SwinV2-B/384 batch-64 forward on an H100, nearly all of it the later stages' weights (benchmarks/bench_probes.py
+# prices it beside stage-1 attention).
+REFRESH_BESIDE = False
+_held_beside = [None]   # the _LinearWeightCopies of the forward under way whose later stages refresh beside it
+
+
+def stage_begins(first_attn):
+    """FlashBias: a fused stage whose first attention layer is first_attn is about to run (LayerBias.stage_biases):
+    with the weight copies refreshed beside the forward, its layers take theirs."""
+    if _held_beside[0] is not None:
+        _held_beside[0].stage_begins(first_attn)
 
 
 def _capture_cuda_graph(fn, pool):

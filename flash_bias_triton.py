@@ -97,6 +97,7 @@ factors nor under torch.compile), "triton" the kernel or an error, "torch" PyTor
 themselves (rank rules, SVD, factor files) live in ``flash_bias_factors.py``.
 """
 import collections
+import contextlib
 import functools
 import math
 import numbers
@@ -2099,14 +2100,18 @@ if triton is not None:
                          stride_b, stride_c, stride_h, stride_w,
                          GRID_H: tl.constexpr, GRID_W: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
                          K: tl.constexpr, BLOCK_K: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_M: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr, DEPENDENT: tl.constexpr):
+                         BLOCK_M: tl.constexpr, WIDEN: tl.constexpr, STORE_OUT: tl.constexpr,
+                         IMG_AT_ADDRESS: tl.constexpr, IMG_DTYPE: tl.constexpr, DEPENDENT: tl.constexpr):
         """BLOCK_M patches of out = LayerNorm(half(half(patch) @ w^T + b)) * nw + nb, rounded where the official
         PatchEmbed under autocast rounds: the pixels as autocast casts the conv's input, the conv's output. img:
-        (B, in_chans, GRID_H * PATCH_H, GRID_W * PATCH_W) with any strides; w: (C, K) half, the conv weight as
-        (C, in_chans * PATCH_H * PATCH_W); b: (C,) half; nw, nb: (C,) float32. Stores out (rows, C) float32
-        (STORE_OUT) and low, out in w's dtype. Patch t is (image t // (GRID_H * GRID_W), row, col) row-major, as
-        the official flatten(2).transpose(1, 2) orders them."""
+        (B, in_chans, GRID_H * PATCH_H, GRID_W * PATCH_W) with any strides, or with IMG_AT_ADDRESS a one-element
+        int64 tensor holding the address of such an IMG_DTYPE image (a CUDA graph's input, see graph_input); w:
+        (C, K) half, the conv weight as (C, in_chans * PATCH_H * PATCH_W); b: (C,) half; nw, nb: (C,) float32.
+        Stores out (rows, C) float32 (STORE_OUT) and low, out in w's dtype. Patch t is (image t // (GRID_H *
+        GRID_W), row, col) row-major, as the official flatten(2).transpose(1, 2) orders them."""
         _wait_for_previous_grid(DEPENDENT)
+        if IMG_AT_ADDRESS:
+            img_ptr = tl.load(img_ptr).to(tl.pointer_type(IMG_DTYPE))
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < rows
         t = offs_m.to(tl.int64)
@@ -2150,12 +2155,61 @@ def _patch_embed_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         out.fill_(float("nan"))
         low.fill_(float("nan"))
     block_m, warps = (16, 4) if _interpreting() else PATCH_EMBED_CONFIG
+    image = x
+    if wrap is None and _graph_input[0] is not None and _graph_input[0].takes(x):
+        image = _graph_input[0].address
     _launcher(_patch_embed_fwd, wrap)[(_cdiv(rows, block_m),)](
-        x, weight.contiguous(), bias, norm_weight, norm_bias, out, low, rows, eps, *x.stride(),
+        image, weight.contiguous(), bias, norm_weight, norm_bias, out, low, rows, eps, *x.stride(),
         GRID_H=grid_h, GRID_W=grid_w, PATCH_H=patch_h, PATCH_W=patch_w, K=K, BLOCK_K=max(16, _next_pow2(K)), C=C,
         BLOCK_C=max(16, _next_pow2(C)), BLOCK_M=block_m, WIDEN=_interpreting() and weight.dtype == torch.bfloat16,
-        STORE_OUT=store_out, num_warps=warps, **_dependent_launch(x.device, wrap))
+        STORE_OUT=store_out, IMG_AT_ADDRESS=image is not x, IMG_DTYPE=_TL_DTYPES[x.dtype] if image is not x else None,
+        num_warps=warps, **_dependent_launch(x.device, wrap))
     return (out if store_out else low), low
+
+
+class GraphInput:
+    """FlashBias: a CUDA graph's input buffer (``tensor``) that the graph reads through its address, held in device
+    memory (``address``, one int64), so that a replay can read the caller's tensor where it lies (``point_at``)
+    instead of copying it into the buffer: at SwinV2-B/384 batch 64 that copy moved 2 x 113 MB, 0.08 ms of a 26 ms
+    forward on an H100 (benchmarks/dependent_launch_nvidia-h100-80gb-hbm3.md). While a capture runs inside
+    ``reading_at_address()``, the patch-embedding kernel reads the buffer so (it is the drop-ins' first reader of
+    their input) and sets ``read_at_address``; the graph's other readers, if any, still read the buffer, which is
+    why flash_bias_runtime.ForwardGraphs checks a graph once before it reads its input in place."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.address = torch.tensor([tensor.data_ptr()], dtype=torch.int64, device=tensor.device)
+        self.read_at_address = False
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether the graph can read x at its address: the buffer's dtype, shape and strides, 16-byte aligned
+        (as Triton assumes of a tensor argument)."""
+        t = self.tensor
+        return (x.dtype, x.shape, x.stride(), x.device) == (t.dtype, t.shape, t.stride(), t.device) \
+            and x.data_ptr() % 16 == 0
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether a kernel about to read x reads it at the address instead (and so notes that it does)."""
+        if x is not self.tensor or not self.fits(x):
+            return False
+        self.read_at_address = True
+        return True
+
+    def point_at(self, x: torch.Tensor) -> None:
+        """Point the address at x (which fits), ordered on the current stream before the replay that reads it."""
+        self.address.fill_(x.data_ptr())
+
+    @contextlib.contextmanager
+    def reading_at_address(self):
+        _graph_input[0] = self
+        try:
+            yield self
+        finally:
+            _graph_input[0] = None
+
+
+_graph_input = [None]   # the GraphInput of the capture under way, if any
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if triton else {}
 
 
 # (BLOCK_M, num_warps) of the patch-embedding kernel: at SwinV2-B/384 batch 64 on an H100, 0.240 ms against 0.247

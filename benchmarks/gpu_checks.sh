@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of a change, in one command on a CUDA machine (what CI, CPU-only, cannot run):
-#   bash benchmarks/gpu_checks.sh tests|dependent_off|dependent_on|speed|headline|compile|official|official_v1 [OUT_DIR]
+#   bash benchmarks/gpu_checks.sh tests|dependent_off|dependent_on|switches|speed|headline|compile|official|official_v1 [OUT_DIR]
 #   tests:    the kernel and model tests with the compiled kernels (TRITON_INTERPRET unset)
 #   dependent_off, dependent_on: whether dependent launches can be the default (each ~7 minutes): the launch
 #             tests (dependent against ordinary launches, bit for bit) and the kernel tests with them off; then
 #             the kernel tests with them on (FLASHBIAS_TEST_DEPENDENT_LAUNCH=1, see tests/conftest.py)
+#   switches: the speed switches that are off until measured (dependent launches, the graph input read in place,
+#             the weight refresh beside the first stage): the replay-equals-eager and weight-copy tests with them,
+#             their whole-model A/B (bench_switches.py), and the probes of what is left (bench_probes.py: the bias
+#             gather, the weight refresh beside attention, cuBLAS memsets)
 #   speed:    batch sweep (small batches), Swin V1, timm/transformers adapters
 #   headline: SwinV2-B/384 batch 64 fp16 against the official file and the compiled SDPA peer in one run, and
 #             dependent launches on against off
@@ -40,6 +44,11 @@ dependent_off|dependent_on)
     fi
     FLASHBIAS_TEST_DEPENDENT_LAUNCH=$setting timeout 480 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/test_kernel.py 2>&1 | tee "$out/kernel_tests_$what.log" | grep -E "passed|failed|FAILED|^E " | tail -12 ;;
+switches)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model_gpu.py -k "replay_equals_eager or follows or weight_copies" \
+        2>&1 | tee "$out/switch_tests.log" | grep -E "passed|failed|FAILED|^E " | tail -8
+    timeout 220 python3 benchmarks/bench_switches.py --out "$out/switches.md" 2>&1 | grep -E "^\||rror" | tail -6
+    timeout 200 python3 benchmarks/bench_probes.py --out "$out/probes.md" 2>&1 | grep -E "^\||rror" | tail -40 ;;
 speed)
     timeout 170 python3 benchmarks/bench_batch_sweep.py --iters 15 --out "$out/batch_sweep.md" 2>&1 | grep "model="
     timeout 220 python3 benchmarks/bench_swin_v1.py --out-dir "$out" 2>&1 | grep -v -i warn | tail -14
@@ -48,7 +57,8 @@ headline)
     timeout 330 python3 benchmarks/bench_model.py --models b384 --dtypes fp16 --iters 15 --no-timm --rules '' --peers \
         --out-dir "$out" 2>&1 | grep -E "official|FlashBias|SDPA|rror" | cut -c1-200
     grep -A3 "strongest peer" "$out"/model_*.md
-    timeout 200 python3 benchmarks/bench_dependent_launch.py --out "$out/dependent_launch.md" 2>&1 | tail -4 ;;
+    timeout 200 python3 benchmarks/bench_switches.py --switches dependent_launch --out "$out/dependent_launch.md" \
+        2>&1 | tail -4 ;;
 compile)
     timeout 560 python3 benchmarks/bench_batch_sweep.py --models b384 --batches 1,8,64 --compile b384 --iters 10 \
         --out "$out/compile_sweep.md" 2>&1 | grep "model=" ;;

@@ -150,8 +150,11 @@ def test_bench_attention_cpu(tmp_path):
     assert errors["SDPA with no bias and no mask (wrong answer; the floor)"] > 0.1
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+def _load_script(script=SCRIPT, name="benchmark_script"):
+    """A benchmark script as a module (its folder on sys.path, for the helpers it imports from its neighbours)."""
+    if os.path.dirname(script) not in sys.path:
+        sys.path.insert(0, os.path.dirname(script))
+    spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -285,9 +288,7 @@ def test_bench_profile_user_errors_and_matmul_tags():
 
     import torch
     from torch.profiler import ProfilerActivity, profile
-    spec = importlib.util.spec_from_file_location("bench_profile", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_script(script, "bench_profile")
     fc = torch.nn.Linear(8, 12)
     with profile(activities=[ProfilerActivity.CPU]) as prof, bench._TagMatmuls():
         fc(torch.randn(2, 5, 8))
@@ -373,17 +374,58 @@ def test_peer_ratios_pair_flash_bias_with_the_compiled_peer():
     assert bench.peer_ratios(rows) == ["- B, fp16: 41.00 / 25.00 ms = 1.64×"]
 
 
-def test_bench_dependent_launch_user_errors_exit_2():
-    """It needs CUDA, and says so; an unknown model or dtype and a count below 1 are named."""
-    script = os.path.join(ROOT, "benchmarks", "bench_dependent_launch.py")
+def test_bench_switches_user_errors_exit_2():
+    """It needs CUDA, and says so; an unknown switch, model or dtype and a count below 1 are named."""
+    script = os.path.join(ROOT, "benchmarks", "bench_switches.py")
     _, stderr = run_benchmark(expect=2, script=script)
     assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    _, stderr = run_benchmark("--switches", "dependent_launch,graphs", expect=2, script=script)
+    assert stderr.startswith("error: unknown or missing --switches ['graphs']; switches: dependent_launch, "
+                             "input_in_place, refresh_beside") and "Traceback" not in stderr
     _, stderr = run_benchmark("--model", "b999", expect=2, script=script)
     assert stderr.startswith("error: unknown --model 'b999'; SwinV2 configs:") and "Traceback" not in stderr
     _, stderr = run_benchmark("--dtype", "fp8", expect=2, script=script)
     assert stderr.startswith("error: unknown --dtype 'fp8'; dtypes: fp16, bf16") and "Traceback" not in stderr
     _, stderr = run_benchmark("--iters", "0", expect=2, script=script)
     assert stderr.startswith("error: --batch, --rounds and --iters must be >= 1")
+
+
+def test_bench_switches_settings_and_their_undoing():
+    """All off, each switch alone, all on; a setting is undone after its block, also when it raises."""
+    bench = _load_script(os.path.join(ROOT, "benchmarks", "bench_switches.py"), "bench_switches")
+    assert bench.settings_of(["dependent_launch"]) == {bench.ALL_OFF: {"dependent_launch": False},
+                                                       "dependent_launch": {"dependent_launch": True}}
+    settings = bench.settings_of(["dependent_launch", "input_in_place"])
+    assert list(settings) == [bench.ALL_OFF, "dependent_launch", "input_in_place", "all on"]
+    assert settings["input_in_place"] == {"dependent_launch": False, "input_in_place": True}
+    switches = [getattr(*place) for place in bench.SWITCHES.values()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with bench.switched(bench.settings_of(list(bench.SWITCHES))["all on"]):
+            assert all(getattr(*place) is True for place in bench.SWITCHES.values())
+            raise RuntimeError("inside")
+    assert [getattr(*place) for place in bench.SWITCHES.values()] == switches
+
+
+def test_bench_probes_bias_gather_on_the_interpreter(monkeypatch):
+    """bench_probes.py's bias-gather probe runs its launches (the real kernel, in Triton's interpreter on a CPU) on a
+    small model: the committed launch with other warps gives its bits; the tables whose sigmoid torch took may differ
+    by a rounding (torch.sigmoid is not the kernel's). As a script it needs CUDA."""
+    script = os.path.join(ROOT, "benchmarks", "bench_probes.py")
+    _, stderr = run_benchmark(expect=2, script=script)
+    assert stderr.startswith("error: this benchmark needs CUDA") and "Traceback" not in stderr
+    pytest.importorskip("triton")
+    import torch
+    bench = _load_script(script, "bench_probes")
+    monkeypatch.setattr(bench, "DEVICE", torch.device("cpu"))
+    monkeypatch.setattr(bench, "median_ms", lambda fn: fn() is None or 1.0)
+    cfg = bench.load_config(embedded="test_mini")
+    model = bench.trained_like_(bench.build_model(cfg), 0).eval().requires_grad_(False)
+    with torch.no_grad():
+        rows = bench.bias_gather_rows(model)
+    assert len(rows) == 9 * len(model.layers)
+    bits = {row[1]: row[4] for row in rows if row[1] == "committed, 8 warps" or " table" in row[1]}
+    assert bits["committed, 8 warps"] == "equal" and len(bits) == 6
+    assert all(b == "equal" or b.startswith("differ (max ") for b in bits.values())
 
 
 def test_unknown_model_names_are_refused_also_for_the_cpu_smoke_test():

@@ -91,7 +91,7 @@ def test_graph_switch(monkeypatch):
 
 def test_linear_weight_copies_for_the_graphs():
     """The graphs' half-precision copies: every nn.Linear's weight and bias except the cpb MLP's (the bias is derived
-    in float32), refreshed from the parameters, and held by the layers only while a graph is captured."""
+    in float32), refreshed from the parameters, and held by the layers only during a forward (held)."""
     model = make_model(MINI)
     copies = runtime._LinearWeightCopies(model, torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -101,17 +101,62 @@ def test_linear_weight_copies_for_the_graphs():
     with torch.no_grad():
         for p in model.parameters():
             p.data.mul_(1.5)   # through .data: the next refresh reads the parameters as they are
-    copies.refresh()
-    for (_, _, p), c in zip(copies.slots, copies.copies):
-        assert c.dtype == torch.bfloat16 and torch.equal(c, p.to(torch.bfloat16))
     qkv = model.layers[0].blocks[0].attn.qkv
     weight = qkv.weight
     with pytest.raises(RuntimeError, match="capture failed"):
-        with runtime._swapped_in(copies):
+        with copies.held():
             assert qkv.weight.dtype == torch.bfloat16 and qkv.weight is not weight
             assert model.layers[0].blocks[0].attn.cpb_mlp[0].weight.dtype == torch.float32
             raise RuntimeError("capture failed")
+    for (_, _, p), c in zip(copies.slots, copies.copies):
+        assert c.dtype == torch.bfloat16 and torch.equal(c, p.to(torch.bfloat16))
     assert qkv.weight is weight and isinstance(qkv.weight, torch.nn.Parameter)
+
+
+def test_later_stages_take_their_weight_copies_at_their_start(monkeypatch):
+    """REFRESH_BESIDE: the first stage's layers hold their copies from the forward's start, a later stage's from its
+    start (LayerBias.stage_biases), each refreshed; a stage that never reports its start keeps its parameters (and
+    autocast's casts); all are put back after. (CPU: the same order on one stream.)"""
+    monkeypatch.setattr(runtime, "REFRESH_BESIDE", True)
+    model = make_model(MINI)
+    copies = runtime._LinearWeightCopies(model, torch.bfloat16)
+    first, later = (model.layers[i].blocks[0].attn for i in (0, 1))
+    assert sorted(set(copies.stage_of_slot)) == [0, 1] and copies.stage_of_slot[-2:] == [0, 0]   # the head's
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(1.5)
+    merging = model.layers[0].downsample.reduction   # used at the end of the first stage: held from the start
+    later_fc2 = model.layers[1].blocks[-1].mlp.fc2
+    with copies.held():
+        assert {first.qkv.weight.dtype, merging.weight.dtype, model.head.weight.dtype} == {torch.bfloat16}
+        assert later.qkv.weight.dtype == later_fc2.weight.dtype == torch.float32
+        runtime.LayerBias.stage_biases([blk.attn for blk in model.layers[1].blocks], images(1, 8))
+        assert later.qkv.weight.dtype == later_fc2.weight.dtype == torch.bfloat16
+    with copies.held():
+        assert later.qkv.weight.dtype == torch.float32   # never started: its parameters
+    for (module, name, p), c in zip(copies.slots, copies.copies):
+        assert torch.equal(c, p.to(torch.bfloat16)) and getattr(module, name) is p
+    assert runtime._held_beside[0] is None
+
+
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["eager", "graph"])
+def test_refresh_beside_gives_the_same_bits(replays_on_cpu, monkeypatch, capture):
+    """A forward on the weight copies, eager or captured, with the later stage's copies refreshed beside it (and held
+    from the stage's start) gives the bits of one with all refreshed first. (CPU: one stream, the fake capture.)"""
+    x = images(2, 32)
+    outs, begun = {}, []
+    begins = runtime._LinearWeightCopies.stage_begins
+    monkeypatch.setattr(runtime._LinearWeightCopies, "stage_begins",
+                        lambda self, attn: begun.append(attn) or begins(self, attn))
+    for beside in (False, True):
+        monkeypatch.setattr(runtime, "REFRESH_BESIDE", beside)
+        model, graphs, _ = make()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[beside] = [graphs.run(model, x) for _ in range(3)][-1] if capture else graphs.run_eagerly(model, x)
+    assert torch.equal(outs[True], outs[False])
+    assert model.layers[1].blocks[0].attn in begun
 
 
 def test_eager_run_on_the_weight_copies(monkeypatch):
@@ -185,6 +230,61 @@ def test_compiled_inference_replays_beside_the_compiler(replays_on_cpu):
         compiled(x)
     assert traced.targets() and fake.captures == 1
     torch._dynamo.reset()
+
+
+def test_graph_reads_its_input_where_it_lies(replays_on_cpu, monkeypatch):
+    """The drop-in's graph reads the caller's tensor at its address (flash_bias_triton.GraphInput) once a replay doing
+    so, with the graph's buffer poisoned with NaN, gave a plain replay's bits: later replays copy nothing into the
+    buffer and give the eager bits. An input 4 bytes off 16-byte alignment is copied into the buffer and read there.
+    (CPU: the kernels in Triton's interpreter, the fake capture replaying by running the captured forward again.)"""
+    monkeypatch.setenv("FLASHBIAS_BACKEND", "triton")
+    monkeypatch.setattr(runtime, "READ_INPUT_IN_PLACE", True)
+    model, graphs, fake = make()
+    x, y = images(2, 32), images(2, 32, seed=5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = graphs.run_eagerly(model, y)
+        graphs.run(model, x)
+        assert torch.equal(graphs.run(model, x), graphs.run_eagerly(model, x)) and fake.captures == 1
+        (graph,) = graphs.entries.values()
+        buffer = graph.graph_input.tensor
+        assert graph.in_place and torch.isnan(buffer).all()
+        assert torch.equal(graphs.run(model, y), expected) and torch.isnan(buffer).all()   # nothing copied in
+        misaligned = torch.empty(y.numel() + 1)[1:].view(y.shape).copy_(y)
+        assert torch.equal(graphs.run(model, misaligned), expected) and torch.equal(buffer, y)
+        assert torch.equal(graphs.run(model, x), graphs.run_eagerly(model, x)) and torch.equal(buffer, y)
+
+
+def test_graph_copies_its_input_with_the_switch_off(replays_on_cpu, monkeypatch):
+    """READ_INPUT_IN_PLACE off (the default until it has run on a GPU): no kernel reads the input at an address and
+    every replay copies it into the graph's buffer."""
+    monkeypatch.setenv("FLASHBIAS_BACKEND", "triton")
+    model, graphs, fake = make()
+    x, y = images(2, 32), images(2, 32, seed=5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        graphs.run(model, x)
+        graphs.run(model, x)
+        (graph,) = graphs.entries.values()
+        assert not graph.graph_input.read_at_address and not graph.in_place
+        assert torch.equal(graphs.run(model, y), graphs.run_eagerly(model, y))
+        assert torch.equal(graph.graph_input.tensor, y)
+
+
+def test_graph_that_reads_its_input_twice_copies_it(replays_on_cpu, monkeypatch):
+    """Where another node of the graph reads the input as well, the check's poisoned replay differs: every replay
+    copies the input into the graph's buffer, and the results stay right."""
+    monkeypatch.setenv("FLASHBIAS_BACKEND", "triton")
+    monkeypatch.setattr(runtime, "READ_INPUT_IN_PLACE", True)
+    model, graphs, fake = make()
+    features = model.forward_features
+    monkeypatch.setattr(model, "forward_features", lambda x: features(x) + 0 * x.mean())
+    x, y = images(2, 32), images(2, 32, seed=5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        graphs.run(model, x)
+        graphs.run(model, x)
+        (graph,) = graphs.entries.values()
+        assert graph.graph_input.read_at_address and not graph.in_place
+        assert torch.equal(graphs.run(model, y), graphs.run_eagerly(model, y))
+        assert torch.equal(graph.graph_input.tensor, y)
 
 
 def test_hooks_run_around_a_replay(replays_on_cpu):

@@ -1429,6 +1429,30 @@ def test_patch_embed_kernel_at_the_swinv2_shape():
     assert rel_err(out, official) < 2e-3
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_embed_reads_a_graph_input_at_its_address(channels_last):
+    """While a capture reads a GraphInput at its address, the kernel reads the image the address points to, not the
+    tensor it is handed (the graph's buffer): pointed at another image it gives that image's embedding, bit for bit.
+    An image of another layout, or 4 bytes off 16-byte alignment, is read as handed."""
+    embed, buffer = patch_embed_case(16, 4, 32, channels_last=channels_last)
+    other = torch.empty_like(buffer).copy_(torch.randn(buffer.shape, generator=fresh_generator()))
+    graph_input = fb.GraphInput(buffer)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16):
+        expected = fb.patch_embed_forward(embed, other, backend="triton")
+        graph_input.point_at(other)
+        with graph_input.reading_at_address():
+            out = fb.patch_embed_forward(embed, buffer, backend="triton")
+            assert graph_input.read_at_address
+            assert all(torch.equal(a, b) for a, b in zip(out, expected))
+            graph_input.point_at(buffer)
+            assert torch.equal(fb.patch_embed_forward(embed, buffer, backend="triton")[1],
+                               fb.patch_embed_forward(embed, buffer.clone(), backend="triton")[1])
+    wide = torch.empty(buffer.numel() + 4, device=DEVICE)
+    assert not graph_input.fits(wide[1:1 + buffer.numel()].view(buffer.shape))   # 4 bytes past the alignment
+    assert graph_input.fits(wide[4:4 + buffer.numel()].view(buffer.shape)) is not channels_last   # strides
+    assert not graph_input.fits(buffer.half())
+
+
 def test_patch_embed_takes_the_matmul_path_where_the_kernel_does_not_fit(monkeypatch):
     """No autocast, gradients, no norm: the gathering copy and matmul, and the kernel is never launched."""
     monkeypatch.setattr(fb, "_patch_embed_launch", lambda *a, **k: pytest.fail("the patch-embedding kernel ran"))

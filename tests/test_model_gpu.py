@@ -5,6 +5,7 @@ equivalences through the PyTorch path and, in a subprocess, the interpreted kern
 import pytest
 import torch
 
+import flash_bias_runtime as runtime
 from model_utils import B384, TINY, TracedOps, images, make_model, make_timm_model, rel_l2, swin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -87,19 +88,30 @@ def _eager_reference(model, x, dtype):
     return out
 
 
+@pytest.mark.parametrize("switch", [None, "READ_INPUT_IN_PLACE", "REFRESH_BESIDE"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_cuda_graph_replay_equals_eager(dtype):
+def test_cuda_graph_replay_equals_eager(dtype, switch, monkeypatch):
+    """A replay gives eager's bits, also with the switches that are off by default: reading its input where it lies
+    (runtime.READ_INPUT_IN_PLACE: under half-precision autocast, where the patch-embedding kernel reads it) and the
+    later stages' weight copies refreshed on a second stream (REFRESH_BESIDE); and never overwrites an earlier
+    result."""
+    in_place = switch == "READ_INPUT_IN_PLACE"
+    if switch is not None:
+        monkeypatch.setattr(runtime, switch, True)
     model = make_model(TINY).cuda()
-    x = images(4, 64).cuda()
-    eager = _eager_reference(model, x, dtype)
+    x, y = images(4, 64).cuda(), images(4, 64, seed=9).cuda()
+    eager, eager_y = _eager_reference(model, x, dtype), _eager_reference(model, y, dtype)
     outs = [_logits(model, x, dtype) for _ in range(4)]  # resolve, first sight, capture, replay
     graphs = model.flash_bias_settings.graphs
     assert len(graphs.entries) == 1
+    (graph,) = graphs.entries.values()
+    assert graph.in_place == (in_place and dtype == torch.float16)
     for out in outs:
         assert torch.equal(out, eager)
     kept = outs[-1].clone()
-    _logits(model, images(4, 64, seed=9).cuda(), dtype)
+    assert torch.equal(_logits(model, y, dtype), eager_y)
     assert torch.equal(outs[-1], kept)  # a replay never overwrites a result the caller holds
+    assert torch.isnan(graph.graph_input.tensor).all() == graph.in_place   # in place: nothing copied in
 
 
 def test_cuda_graph_follows_new_weights():
@@ -121,9 +133,12 @@ def test_cuda_graph_follows_new_weights():
     assert torch.equal(out, _eager_reference(model, x.half(), torch.float32))
 
 
-def test_eager_forward_on_the_weight_copies_equals_autocast():
+@pytest.mark.parametrize("beside", [False, True], ids=["refreshed first", "refreshed beside"])
+def test_eager_forward_on_the_weight_copies_equals_autocast(beside, monkeypatch):
     """Graphs off: after the first forward, the fused eager forward reads the half-precision weight copies, with the
-    same bits as autocast's own casts, and follows new weights."""
+    same bits as autocast's own casts, and follows new weights; also with the later stages' copies refreshed on a
+    second stream (REFRESH_BESIDE)."""
+    monkeypatch.setattr(runtime, "REFRESH_BESIDE", beside)
     model, other = make_model(TINY, seed=0).cuda(), make_model(TINY, seed=1).cuda()
     x = images(4, 64).cuda()
     expected = _eager_reference(model, x, torch.float16)   # the first forward of new settings: plain autocast
