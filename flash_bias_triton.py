@@ -2303,6 +2303,14 @@ if triton is not None:
             return picked
 
     @triton.jit
+    def _scaled_sigmoid(b, sigmoid_scale, CENTER: tl.constexpr):
+        """s * sigmoid(b), minus s / 2 (the sigmoid's midpoint) with CENTER, float32: SwinV2's bias from its table
+        entry, the one expression of the gather and of cpb_table (which then give the same bits)."""
+        if CENTER:
+            return _f32(sigmoid_scale) * (tl.sigmoid(b) - 0.5)
+        return _f32(sigmoid_scale) * tl.sigmoid(b)
+
+    @triton.jit
     def _table_tile(table_ptr, index_ptr, row, offs_c, offs_h, stride_table_t, stride_table_h, stride_index_n,
                     stride_index_m, cols, table_rows, HEADS: tl.constexpr):
         """(columns offs_c of one index row, every head): the table entries, float32, and which columns exist. An
@@ -2350,7 +2358,7 @@ if triton is not None:
             if SIGMOID:
                 # centred: minus the sigmoid's midpoint, known without the row's max and min (their reductions
                 # took a third of the kernel's time: 335 against 220 us at SwinV2-B/384 stage 3, H100)
-                b = _f32(sigmoid_scale) * (tl.sigmoid(b) - 0.5) if CENTER else _f32(sigmoid_scale) * tl.sigmoid(b)
+                b = _scaled_sigmoid(b, sigmoid_scale, CENTER)
             elif CENTER:
                 b = b - mid[None, :]
             tl.store(out_base + offs_h[None, :].to(tl.int64) * stride_out_h + offs_c[:, None],
@@ -2611,12 +2619,14 @@ if triton is not None:
 
     @triton.jit
     def _cpb_table_fwd(coords_ptrs, w0_ptrs, b0_ptrs, w2_ptrs, out_ptr, rows, num_heads,
-                       stride_coords, stride_w0, stride_w2, stride_out_l, stride_out_h,
+                       stride_coords, stride_w0, stride_w2, stride_out_l, stride_out_h, sigmoid_scale,
                        LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS_PAD: tl.constexpr, HAS_B0: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DEPENDENT: tl.constexpr):
+                       SIGMOID: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DEPENDENT: tl.constexpr):
         """BLOCK_T rows of one layer's relu(coords @ w0^T + b0) @ w2^T; the hidden layer never leaves registers.
-        Stored heads first, (H, T) per layer: the bias kernel then gathers one head's entries from 4*T
-        contiguous bytes."""
+        SIGMOID: then each entry's _scaled_sigmoid, which the gather would otherwise take once per bias element
+        (95.6M at SwinV2-B/384's stage 3 for 636K entries). Stored heads first, (H, T) per layer: the bias kernel
+        then gathers one head's entries from 4*T contiguous bytes."""
         _wait_for_previous_grid(DEPENDENT)
         layer = tl.program_id(1)
         coords_ptr = _layer_ptr(coords_ptrs, layer, LAYERS)
@@ -2639,12 +2649,15 @@ if triton is not None:
             # tf32x3: float32 accuracy (the table feeds a sigmoid scaled by 16; plain tf32 costs ~1e-3 logits) from
             # tensor cores; the ieee dot's FMAs took 77 us per stage at SwinV2-B/384 (H100)
             acc = tl.dot(tl.maximum(hidden, 0.0), w2.to(tl.float32), acc, input_precision="tf32x3")
+        if SIGMOID:
+            acc = _scaled_sigmoid(acc, sigmoid_scale, CENTER)
         out_ptrs = out_ptr + layer.to(tl.int64) * stride_out_l + offs_h[None, :] * stride_out_h + offs_t[:, None]
         tl.store(out_ptrs, acc, mask=t_valid[:, None] & h_valid[None, :])
 
 
 def _cpb_table_launch(coords: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
-                      b0: Sequence[Optional[torch.Tensor]], w2: Sequence[torch.Tensor], wrap=None) -> torch.Tensor:
+                      b0: Sequence[Optional[torch.Tensor]], w2: Sequence[torch.Tensor],
+                      sigmoid_scale: Optional[float] = None, center_rows: bool = False, wrap=None) -> torch.Tensor:
     """(L, T, H) float32 (stored as (L, H, T)): one launch for L <= MAX_LAYERS_PER_LAUNCH layers of one shape."""
     coords, w0, w2 = ([t.contiguous() for t in ts] for ts in (coords, w0, w2))
     has_b0 = b0[0] is not None
@@ -2656,32 +2669,37 @@ def _cpb_table_launch(coords: Sequence[torch.Tensor], w0: Sequence[torch.Tensor]
     block_t = 32
     _launcher(_cpb_table_fwd, wrap)[(_cdiv(rows, block_t), len(coords))](
         _stacked(coords), _stacked(w0), _stacked(b0), _stacked(w2), out, rows, num_heads,
-        coords[0].stride(0), w0[0].stride(0), w2[0].stride(0), out.stride(0), out.stride(1), LAYERS=len(coords),
-        HIDDEN=w0[0].shape[0], HEADS_PAD=max(16, _next_pow2(num_heads)), HAS_B0=has_b0, BLOCK_T=block_t,
-        BLOCK_K=CPB_BLOCK_K, **_dependent_launch(out.device, wrap))
+        coords[0].stride(0), w0[0].stride(0), w2[0].stride(0), out.stride(0), out.stride(1),
+        float(sigmoid_scale if sigmoid_scale is not None else 1.0), LAYERS=len(coords), HIDDEN=w0[0].shape[0],
+        HEADS_PAD=max(16, _next_pow2(num_heads)), HAS_B0=has_b0, SIGMOID=sigmoid_scale is not None,
+        CENTER=center_rows, BLOCK_T=block_t, BLOCK_K=CPB_BLOCK_K, **_dependent_launch(out.device, wrap))
     return out.transpose(1, 2)
 
 
 @_triton_op("cpb_table")
-def _cpb_table_op(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
-                  w2: torch.Tensor) -> torch.Tensor:
-    return _cpb_table_launch([coords], [w0], [b0], [w2], torch.library.wrap_triton)[0]
+def _cpb_table_op(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w2: torch.Tensor,
+                  sigmoid_scale: Optional[float], center_rows: bool) -> torch.Tensor:
+    return _cpb_table_launch([coords], [w0], [b0], [w2], sigmoid_scale, center_rows, torch.library.wrap_triton)[0]
 
 
-def _cpb_table_one(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
-                   w2: torch.Tensor) -> torch.Tensor:
-    return _cpb_table_launch([coords], [w0], [b0], [w2])[0]
+def _cpb_table_one(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w2: torch.Tensor,
+                   sigmoid_scale: Optional[float], center_rows: bool) -> torch.Tensor:
+    return _cpb_table_launch([coords], [w0], [b0], [w2], sigmoid_scale, center_rows)[0]
 
 
-def _cpb_table_torch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
-                     w2: torch.Tensor) -> torch.Tensor:
+def _cpb_table_torch(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w2: torch.Tensor,
+                     sigmoid_scale: Optional[float] = None, center_rows: bool = False) -> torch.Tensor:
     """The readable definition of :func:`cpb_table`: SwinV2's ``cpb_mlp`` in float32 (differentiable)."""
     compute = torch.promote_types(coords.dtype, torch.float32)
     hidden = F.relu(F.linear(coords.to(compute), w0.to(compute), None if b0 is None else b0.to(compute)))
-    return F.linear(hidden, w2.to(compute))
+    table = F.linear(hidden, w2.to(compute))
+    if sigmoid_scale is None:
+        return table
+    return sigmoid_scale * (torch.sigmoid(table) - 0.5 if center_rows else torch.sigmoid(table))
 
 
 def cpb_table(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w2: torch.Tensor, *,
+              sigmoid_scale: Optional[float] = None, center_rows: bool = False,
               backend: Optional[str] = None) -> torch.Tensor:
     """SwinV2's continuous-position-bias table ``relu(coords @ w0^T + b0) @ w2^T`` (T, H) in float32, computed
     from upcast weights (also for a .half() model, and with autocast off) in one kernel launch: the three
@@ -2690,6 +2708,10 @@ def cpb_table(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor]
     Args:
         coords: (T, 2), the flattened ``relative_coords_table``; w0: (hidden, 2), b0: (hidden,) or None,
             w2: (H, hidden): ``cpb_mlp[0].weight``, ``cpb_mlp[0].bias``, ``cpb_mlp[2].weight``.
+        sigmoid_scale, center_rows: then each entry as :func:`bias_from_table` would take it (``s * sigmoid``,
+            minus s / 2 with center_rows), in the same float32 expression on the kernel path (the same bits); a
+            gather of this table with ``sigmoid_scale=None`` then gives bias_from_table's bias of the raw table,
+            with one sigmoid per table entry instead of one per bias element.
         backend: as in :func:`flash_bias_attention` ("auto": the kernel on CUDA without gradients).
     Several layers (a stage) at once: each argument a list of L tensors of one shape (b0 a list of Nones, or
     None), giving (L, T, H) from one launch per MAX_LAYERS_PER_LAUNCH layers where the kernel runs, else layer by
@@ -2698,13 +2720,14 @@ def cpb_table(coords: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor]
         (T, H) float32 (float64 for float64 inputs, PyTorch path), heads-first strides on the kernel path; feed it
         to :func:`bias_from_table`.
     """
+    sigmoid_scale = float(sigmoid_scale) if sigmoid_scale is not None else None   # the op's schema: float
     if isinstance(coords, (list, tuple)):
-        return _cpb_tables(coords, w0, b0, w2, backend)
+        return _cpb_tables(coords, w0, b0, w2, sigmoid_scale, center_rows, backend)
     _check_cpb_inputs(coords, w0, b0, w2)
     tensors = (coords, w0, b0, w2)
     if _pick_backend(backend, coords.device, tensors, _cpb_unsupported(coords, w0, w2), "cpb_table") == "torch":
-        return _cpb_table_torch(coords, w0, b0, w2)
-    return _through_op(_cpb_table_op, _cpb_table_one)(coords, w0, b0, w2)
+        return _cpb_table_torch(coords, w0, b0, w2, sigmoid_scale, center_rows)
+    return _through_op(_cpb_table_op, _cpb_table_one)(coords, w0, b0, w2, sigmoid_scale, center_rows)
 
 
 def _check_cpb_inputs(coords, w0, b0, w2, layer=""):
@@ -2723,21 +2746,23 @@ def _cpb_unsupported(coords, w0, w2) -> Optional[Exception]:
 
 
 def _cpb_tables_launches(coords: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
-                         b0: Sequence[Optional[torch.Tensor]], w2: Sequence[torch.Tensor], wrap=None) -> torch.Tensor:
+                         b0: Sequence[Optional[torch.Tensor]], w2: Sequence[torch.Tensor],
+                         sigmoid_scale: Optional[float], center_rows: bool, wrap=None) -> torch.Tensor:
     """(L, T, H) float32 (stored as (L, H, T)): _cpb_table_launch over MAX_LAYERS_PER_LAUNCH layers at a time."""
-    return _in_launches(functools.partial(_cpb_table_launch, wrap=wrap), coords, w0, b0, w2)
+    return _in_launches(functools.partial(_cpb_table_launch, sigmoid_scale=sigmoid_scale, center_rows=center_rows,
+                                          wrap=wrap), coords, w0, b0, w2)
 
 
 @torch.library.custom_op(_op_name("cpb_tables"), mutates_args=())   # opaque: see _bias_from_tables_op
 def _cpb_tables_op(coords: List[torch.Tensor], w0: List[torch.Tensor], b0: List[Optional[torch.Tensor]],
-                   w2: List[torch.Tensor]) -> torch.Tensor:
-    return _cpb_tables_launches(coords, w0, b0, w2)
+                   w2: List[torch.Tensor], sigmoid_scale: Optional[float], center_rows: bool) -> torch.Tensor:
+    return _cpb_tables_launches(coords, w0, b0, w2, sigmoid_scale, center_rows)
 
 
 _cpb_tables_op.register_fake(functools.partial(_cpb_tables_launches, wrap=_NoLaunch))
 
 
-def _cpb_tables(coords, w0, b0, w2, backend) -> torch.Tensor:
+def _cpb_tables(coords, w0, b0, w2, sigmoid_scale, center_rows, backend) -> torch.Tensor:
     """cpb_table of L layers: (L, T, H)."""
     coords, w0, w2 = list(coords), list(w0), list(w2)
     b0 = [None] * len(coords) if b0 is None else list(b0)
@@ -2757,8 +2782,9 @@ def _cpb_tables(coords, w0, b0, w2, backend) -> torch.Tensor:
     one_launch = not (_compiling() and len(coords) == 1) and _pick_backend(
         backend, coords[0].device, tensors, _cpb_unsupported(coords[0], w0[0], w2[0]), "cpb_table") == "triton"
     if not one_launch:
-        return _stack_layers([cpb_table(*layer, backend=backend) for layer in zip(coords, w0, b0, w2)])
-    return _through_op(_cpb_tables_op, _cpb_tables_launches)(coords, w0, b0, w2)
+        return _stack_layers([cpb_table(*layer, sigmoid_scale=sigmoid_scale, center_rows=center_rows, backend=backend)
+                              for layer in zip(coords, w0, b0, w2)])
+    return _through_op(_cpb_tables_op, _cpb_tables_launches)(coords, w0, b0, w2, sigmoid_scale, center_rows)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -268,12 +268,16 @@ class WindowAttention(nn.Module):
         with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
             # iterated, not indexed: Sequential's indexing took ~160 of 490 us for SwinV2-B's 18-layer stage
             mlps = [tuple(a.cpb_mlp) for a in layers]
-            # the training bias in PyTorch also without grad (checkpoint's first forward): the same bits as with it
+            # the training bias in PyTorch also without grad (checkpoint's first forward): the same bits as with it.
+            # At inference the table takes its sigmoid once per entry, and the gather none (the same bits)
+            sigmoid_in_table = 16.0 if not requires_grad else None
             tables = cpb_table([a.relative_coords_table.reshape(-1, 2) for a in layers],
                                [m[0].weight for m in mlps], [m[0].bias for m in mlps], [m[2].weight for m in mlps],
+                               sigmoid_scale=sigmoid_in_table, center_rows=center_rows,
                                backend="torch" if requires_grad else None)  # L, (2*Wh-1)*(2*Ww-1), nH
-            return bias_from_table(tables, [a.relative_position_index for a in layers], center_rows=center_rows,
-                                   out_dtype=dtype)
+            return bias_from_table(tables, [a.relative_position_index for a in layers],
+                                   sigmoid_scale=None if sigmoid_in_table else 16.0,
+                                   center_rows=center_rows and not sigmoid_in_table, out_dtype=dtype)
 
     @staticmethod
     def qkv_biases(layers):

@@ -115,11 +115,12 @@ def test_stage_ops_fakes_match_the_real_ops(has_b0, layers_per_launch, monkeypat
     layers = _stages()[1]
     mlps = [tuple(a.cpb_mlp) for a in layers]
     cpb_args = ([a.relative_coords_table.reshape(-1, 2) for a in layers], [m[0].weight for m in mlps],
-                [m[0].bias if has_b0 else None for m in mlps], [m[2].weight for m in mlps])
+                [m[0].bias if has_b0 else None for m in mlps], [m[2].weight for m in mlps], None, False)
     tables = _op("cpb_tables")(*cpb_args)
     assert tables.shape == (2, cpb_args[0][0].shape[0], layers[0].num_heads)
     assert tables.stride()[1] == 1 or layers_per_launch == 1   # heads first, in one launch
     torch.library.opcheck(_op("cpb_tables"), cpb_args)
+    torch.library.opcheck(_op("cpb_tables"), cpb_args[:4] + (16.0, True))   # with the sigmoid taken in the table
     for center_rows, sigmoid_scale, dtype in ((True, 16.0, torch.float16), (False, None, torch.float32)):
         torch.library.opcheck(_op("bias_from_tables"), (list(tables), [a.relative_position_index for a in layers],
                                                         sigmoid_scale, center_rows, dtype))

@@ -1092,6 +1092,31 @@ def test_several_layers_with_gradients_go_layer_by_layer():
         assert torch.allclose(grad, c["w2"].grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("center_rows,out_dtype", [(True, torch.float16), (False, torch.float32)])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_sigmoid_in_the_table_gives_the_gathers_bits(center_rows, out_dtype, layers):
+    """cpb_table with sigmoid_scale takes each entry's sigmoid (and centring) in the kernel, as bias_from_table would
+    take it entry by entry: gathered with no sigmoid, the bias has the bits of the raw table gathered with it (one
+    expression in both kernels, _scaled_sigmoid), on one layer and on several in one launch; the PyTorch path agrees
+    within a rounding, and against float64."""
+    cases = several_layers_case(layers)
+    mlps = [[c[k] for c in cases] for k in ("coords", "w0", "b0", "w2")]
+    indices = [c["index"] for c in cases]
+    if layers == 1:
+        mlps, indices = [m[0] for m in mlps], indices[0]
+    with torch.no_grad():
+        raw = fb.cpb_table(*mlps, backend="triton")
+        expected = fb.bias_from_table(raw, indices, center_rows=center_rows, out_dtype=out_dtype, backend="triton")
+        for backend in ("triton", "torch"):
+            table = fb.cpb_table(*mlps, sigmoid_scale=16, center_rows=center_rows, backend=backend)
+            bias = fb.bias_from_table(table, indices, sigmoid_scale=None, out_dtype=out_dtype, backend=backend)
+            if backend == "triton":
+                assert torch.equal(bias, expected)
+            assert (bias.double() - expected.double()).abs().max() <= (1e-2 if out_dtype == torch.float16 else 1e-5)
+    ref = torch.stack([layer_bias64(c, center_rows) for c in cases])
+    assert ((expected.double().view(ref.shape) - ref).abs().max() / ref.abs().max()).item() < BIAS_TOL[out_dtype]
+
+
 def test_model_bias_through_cpb_table_and_bias_from_table_kernels():
     """The drop-in's derive_bias on the kernel path equals the official expression in float64."""
     import model_utils as mu
