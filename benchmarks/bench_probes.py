@@ -4,10 +4,10 @@ before it is built, on the real shapes.
 
     python benchmarks/bench_probes.py [--out FILE.md]
 
-- **The bias gather** (``_bias_from_table_fwd``, 215 us for 191 MB at stage 3 on an H100, 0.9 TB/s): the committed
-  launch, which takes each entry's sigmoid in the gather, against gathers of a table whose sigmoid (and centring)
-  was taken first, in float32 or float16 (what cpb_table could write), with other tile widths and warps, and
-  against the write floor (a fill of the same bytes). "bits" says whether a variant's bias equals the committed one.
+- **The bias gather** (``_bias_from_table_fwd``, 215 us for 191 MB at stage 3 on an H100, 0.9 TB/s, when it took
+  each element's sigmoid): that gather against the committed one, of a table whose sigmoid (and centring) cpb_table
+  took (``sigmoid_scale``), and against gathers of a float16 table, other tile widths and warps, and the write floor
+  (a fill of the same bytes). The last column says whether a variant's bias equals the per-element sigmoid's.
 - **The weight refresh beside attention:** the half-precision weight copies' refresh (one multi-tensor copy, 0.20 ms
   a forward) alone, a stage-1 shifted attention call alone, the two on one stream, and the refresh on a second
   stream beside the attention: what refreshing the later stages' weights during the first stages could save.
@@ -61,28 +61,30 @@ def bias_gather_rows(model):
     for s, layer in enumerate(model.layers):
         attns = [blk.attn for blk in layer.blocks]
         mlps = [tuple(a.cpb_mlp) for a in attns]
-        tables = list(fb.cpb_table([a.relative_coords_table.reshape(-1, 2) for a in attns], [m[0].weight for m in mlps],
-                                   [m[0].bias for m in mlps], [m[2].weight for m in mlps]))
+        mlp_args = ([a.relative_coords_table.reshape(-1, 2) for a in attns], [m[0].weight for m in mlps],
+                    [m[0].bias for m in mlps], [m[2].weight for m in mlps])
+        tables = list(fb.cpb_table(*mlp_args, backend="triton"))
         indices = [a.relative_position_index for a in attns]
-        committed = gather(tables, indices, 16.0, True)
-        sigmoid32 = [16.0 * (torch.sigmoid(t) - 0.5) for t in tables]
+        per_element = gather(tables, indices, 16.0, True)
+        sigmoid32 = list(fb.cpb_table(*mlp_args, sigmoid_scale=16.0, center_rows=True, backend="triton"))
         sigmoid16 = [t.half() for t in sigmoid32]
-        variants = [("derive_biases (cpb_table + gather)",
+        variants = [("derive_biases (cpb_table + gather, committed)",
                      lambda: attns[0].derive_biases(attns, center_rows=True, dtype=torch.float16)),
-                    ("gather, sigmoid inside (committed)", lambda: gather(tables, indices, 16.0, True)),
-                    ("gather of a sigmoid'd float32 table", lambda: gather(sigmoid32, indices, None, False)),
+                    ("gather, sigmoid per element (before)", lambda: gather(tables, indices, 16.0, True)),
+                    ("gather of the sigmoid'd float32 table (committed)",
+                     lambda: gather(sigmoid32, indices, None, False)),
                     ("gather of a sigmoid'd float16 table", lambda: gather(sigmoid16, indices, None, False)),
-                    ("committed, 8 warps", lambda: gather(tables, indices, 16.0, True, warps=8)),
+                    ("sigmoid per element, 8 warps", lambda: gather(tables, indices, 16.0, True, warps=8)),
                     ("float16 table, 8 warps", lambda: gather(sigmoid16, indices, None, False, warps=8)),
                     ("float16 table, 256 columns", lambda: gather(sigmoid16, indices, None, False, block_cols=256)),
                     ("float16 table, 64 columns", lambda: gather(sigmoid16, indices, None, False, block_cols=64)),
-                    ("write floor: a fill of the bytes", lambda: committed.fill_(1.0))]
-        megabytes = committed.numel() * 2 / 1e6
+                    ("write floor: a fill of the bytes", lambda: per_element.fill_(1.0))]
+        megabytes = per_element.numel() * 2 / 1e6
         for name, fn in variants:
             ms = median_ms(fn)
             out = None if "floor" in name or "derive" in name else fn()
-            bits = "" if out is None else "equal" if torch.equal(out, committed) else \
-                f"differ (max {(out.float() - committed.float()).abs().max().item():.2g})"
+            bits = "" if out is None else "equal" if torch.equal(out, per_element) else \
+                f"differ (max {(out.float() - per_element.float()).abs().max().item():.2g})"
             rows.append((f"bias gather, stage {s + 1}", name, f"{ms * 1e3:.1f}", f"{megabytes / ms / 1e3:.2f}", bits))
     return rows
 
