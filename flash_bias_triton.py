@@ -2105,7 +2105,7 @@ if triton is not None:
         """BLOCK_M patches of out = LayerNorm(half(half(patch) @ w^T + b)) * nw + nb, rounded where the official
         PatchEmbed under autocast rounds: the pixels as autocast casts the conv's input, the conv's output. img:
         (B, in_chans, GRID_H * PATCH_H, GRID_W * PATCH_W) with any strides, or with IMG_AT_ADDRESS a one-element
-        int64 tensor holding the address of such an IMG_DTYPE image (a CUDA graph's input, see graph_input); w:
+        int64 tensor holding the address of such an IMG_DTYPE image (a CUDA graph's input, see GraphInput); w:
         (C, K) half, the conv weight as (C, in_chans * PATCH_H * PATCH_W); b: (C,) half; nw, nb: (C,) float32.
         Stores out (rows, C) float32 (STORE_OUT) and low, out in w's dtype. Patch t is (image t // (GRID_H *
         GRID_W), row, col) row-major, as the official flatten(2).transpose(1, 2) orders them."""
