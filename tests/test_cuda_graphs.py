@@ -139,8 +139,6 @@ def test_later_stages_take_their_weight_copies_at_their_start(monkeypatch):
     assert runtime._held_beside[0] is None
 
 
-
-
 @pytest.mark.parametrize("capture", [False, True], ids=["eager", "graph"])
 def test_refresh_beside_gives_the_same_bits(replays_on_cpu, monkeypatch, capture):
     """A forward on the weight copies, eager or captured, with the later stage's copies refreshed beside it (and held
